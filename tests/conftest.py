@@ -1,0 +1,37 @@
+"""Session fixtures: tiny models of each family and small synthetic shards, built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+FAMILIES = ("internvl", "qwen2_5_vl", "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    from r1v3.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: build_tiny(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from r1v3.data_modules.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(out, n_train=96, n_val=32, n_ood=16, seed=0, maxcount=40)
+    return out
+
+
+@pytest.fixture(scope="session")
+def internvl_processor(tiny_dirs):
+    from r1v3.backbone import load_processor
+
+    return load_processor(tiny_dirs["internvl"])
