@@ -36,11 +36,15 @@ class R1V3CLI:
 
     @staticmethod
     def run(argv: list[str] | None):
+        import warnings
+
         from lightning.pytorch import LightningDataModule
         from lightning.pytorch.cli import LightningCLI
 
         from r1v3.stages.base import R1V3Module
 
+        # In-process callers (demo, tests) pass argv while sys.argv holds their own command line.
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         return LightningCLI(
             R1V3Module, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
             save_config_kwargs={"overwrite": True}, args=argv,

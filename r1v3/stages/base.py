@@ -87,7 +87,11 @@ class R1V3Module(LightningModule):
         for group, c in counts.items():
             rank_zero_info(f"[r1v3] {group:<9} trainable {c['trainable']:>12,} / {c['total']:>12,} params")
         if hp.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.23
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.model.config.use_cache = False
 
     @property
