@@ -117,10 +117,22 @@ class VLMCollator:
         if self.mode == "sft":
             targets = [chat.render_target(s.get("trace") or "", s["answer"], eos=self.tokenizer.eos_token)
                        for s in samples]
-            batch["inputs"], batch["labels"] = self._append_targets(batch["prompt"], targets)
+            target_ids = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
+            batch["inputs"], batch["labels"], _ = append_targets(batch["prompt"], target_ids,
+                                                                 self.tokenizer.pad_token_id)
         else:
             batch["inputs"] = batch["prompt"]
+            # Rollout engines re-encode raw prompts (vLLM takes text + PIL images; GRPO repeats
+            # each prompt G times), so the raw material travels with the batch.
+            batch["meta"]["prompt_text"] = prompts
+            batch["meta"]["pil_images"] = [s["images"] for s in samples]
         return batch
+
+    def encode_prompts(self, texts: list[str], images: list[list]) -> tuple[dict, dict]:
+        """Rendered prompt texts + their images → (token tensors, image tensors), left-padded."""
+        enc = self._encode(texts, images)
+        return ({k: v for k, v in enc.items() if k in _TOKEN_KEYS},
+                {k: v for k, v in enc.items() if k not in _TOKEN_KEYS})
 
     def _encode(self, texts: list[str], images: list[list]) -> dict:
         flat = [img for imgs in images for img in imgs]
@@ -130,27 +142,33 @@ class VLMCollator:
             kwargs.update(self._image_kwargs)
         return dict(self.processor(**kwargs))
 
-    def _append_targets(self, prompt: dict, targets: list[str]):
-        """Concatenate each unpadded prompt with its tokenized target, then right-pad."""
-        target_ids = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
-        pad_id = self.tokenizer.pad_token_id
-        mask = prompt["attention_mask"].bool()
-        rows = {k: [] for k in prompt}
-        labels = []
-        for i, tgt in enumerate(target_ids):
-            tgt = torch.tensor(tgt, dtype=prompt["input_ids"].dtype)
-            for key, value in prompt.items():
-                fill = tgt if key == "input_ids" else (
-                    torch.ones_like(tgt) if key == "attention_mask" else torch.zeros_like(tgt))
-                rows[key].append(torch.cat([value[i][mask[i]], fill.to(value.dtype)]))
-            labels.append(torch.cat([torch.full((int(mask[i].sum()),), IGNORE_INDEX), tgt]))
-        width = max(len(r) for r in labels)
 
-        def pad(seqs, value):
-            out = torch.full((len(seqs), width), value, dtype=seqs[0].dtype)
-            for i, s in enumerate(seqs):
-                out[i, :len(s)] = s
-            return out
 
-        inputs = {k: pad(v, pad_id if k == "input_ids" else 0) for k, v in rows.items()}
-        return inputs, pad(labels, IGNORE_INDEX)
+def append_targets(prompt: dict, target_ids: Sequence[Sequence[int]], pad_id: int):
+    """Concatenate each unpadded (left-padded) prompt row with its target ids, then right-pad.
+
+    Returns (inputs, labels, target_start): labels are -100 outside the targets; target_start[i]
+    is the index of row i's first target token.
+    """
+    mask = prompt["attention_mask"].bool()
+    dtype = prompt["input_ids"].dtype
+    rows = {k: [] for k in prompt}
+    labels, starts = [], []
+    for i, tgt in enumerate(target_ids):
+        tgt = torch.as_tensor(list(tgt), dtype=dtype)
+        for key, value in prompt.items():
+            fill = tgt if key == "input_ids" else (
+                torch.ones_like(tgt) if key == "attention_mask" else torch.zeros_like(tgt))
+            rows[key].append(torch.cat([value[i][mask[i]], fill.to(value.dtype)]))
+        starts.append(int(mask[i].sum()))
+        labels.append(torch.cat([torch.full((starts[-1],), IGNORE_INDEX, dtype=dtype), tgt]))
+    width = max(len(r) for r in labels)
+
+    def pad(seqs, value):
+        out = torch.full((len(seqs), width), value, dtype=seqs[0].dtype)
+        for i, s in enumerate(seqs):
+            out[i, :len(s)] = s
+        return out
+
+    inputs = {k: pad(v, pad_id if k == "input_ids" else 0) for k, v in rows.items()}
+    return inputs, pad(labels, IGNORE_INDEX), torch.tensor(starts)

@@ -20,35 +20,33 @@ def fit(tiny_dirs, synth_dir, steps, logger=False, **stage_kwargs):
     return stage, trainer
 
 
+def first_batch(stage, synth_dir, batch_size):
+    data = WebDataModule(train=str(synth_dir / "train"), batch_size=batch_size)
+    data.processor = stage.processor
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
 def test_loss_is_on_assistant_tokens_only(tiny_dirs, synth_dir):
     stage = SFTStage(str(tiny_dirs["internvl"]))
     stage.configure_model()
-    data = WebDataModule(train=str(synth_dir / "train"), batch_size=4)
-    data.processor = stage.processor
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    batch = first_batch(stage, synth_dir, 4)
     logprobs = stage.token_logprobs(batch["inputs"], batch["images"], batch["inputs"]["input_ids"])
     mask = batch["labels"] != -100
-    manual = -(logprobs[mask]).mean()
-    assert torch.allclose(stage.supervised_loss(batch), manual, atol=1e-5)
-    # changing a prompt token's label would not matter: only the masked positions count
+    # the loss is the mean NLL over exactly the labelled (assistant) positions ...
+    assert torch.allclose(stage.supervised_loss(batch), -(logprobs[mask]).mean(), atol=1e-5)
+    # ... which are a minority of the sequence: prompt and image tokens are not among them
     assert mask.sum() < batch["inputs"]["attention_mask"].sum() / 2
 
 
 def test_sft_learns(tiny_dirs, synth_dir):
     stage, trainer = fit(tiny_dirs, synth_dir, 30, optimizer=OptimizerConfig(lr=2e-3, warmup_ratio=0.0))
     assert trainer.global_step == 30
-    first_loss = None
-    stage2 = SFTStage(str(tiny_dirs["internvl"]))
-    stage2.configure_model()
-    data = WebDataModule(train=str(synth_dir / "train"), batch_size=16)
-    data.processor = stage.processor
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    untrained = SFTStage(str(tiny_dirs["internvl"]))
+    untrained.configure_model()
+    batch = first_batch(stage, synth_dir, 16)
     with torch.no_grad():
-        first_loss = stage2.supervised_loss(batch)
-        trained_loss = stage.supervised_loss(batch)
-    assert trained_loss < 0.6 * first_loss
+        assert stage.supervised_loss(batch) < 0.6 * untrained.supervised_loss(batch)
 
 
 @pytest.mark.parametrize("options", [

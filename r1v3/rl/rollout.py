@@ -1,0 +1,164 @@
+"""Rollout engines: turn prompts (text + images) into G sampled completions each.
+
+The GRPO stage talks to an engine only through :class:`RolloutEngine`, so the embedded vLLM engine
+slots in beside the HF ``generate`` engine without touching the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings for one rollout call.
+
+    Args:
+        n: Samples per prompt (the GRPO group size G).
+        temperature: Softmax temperature; 0 means greedy.
+        top_p: Nucleus sampling mass.
+        max_new_tokens: Generation budget per completion.
+        stop: Extra stop strings (the tokenizer's EOS always stops).
+    """
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prompt:
+    text: str  # rendered in the chat template, ending with the assistant header
+    images: list  # PIL images, one per placeholder
+
+
+@dataclass
+class Rollouts:
+    """``n`` completions per prompt, prompt-major: rows ``i*n … i*n+n-1`` belong to prompt ``i``."""
+
+    completion_ids: torch.Tensor  # [N, T], right-padded
+    completion_mask: torch.Tensor  # [N, T], 1 on generated tokens (EOS included)
+    logprobs: torch.Tensor  # [N, T], log-prob of each sampled token under the sampling softmax
+    texts: list[str]
+    finish_reasons: list[str]  # "stop" (EOS or a stop string) or "length" (hit max_new_tokens)
+    group_size: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(1)
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        return torch.tensor([r == "length" for r in self.finish_reasons])
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None) -> Rollouts:
+        ...
+
+    def sync_weights(self, model: torch.nn.Module, groups: Sequence[str] | None = None) -> dict:
+        """Make the engine sample from ``model``'s current weights; returns timing stats."""
+        ...
+
+
+class HFGenerateEngine:
+    """Rollouts from ``generate`` on the policy itself: batched, left-padded, with KV cache.
+
+    It shares the policy's weights, so weight sync is a no-op. Log-probs are those of the
+    temperature-scaled softmax before top-p truncation, which is what the trainer recomputes.
+    """
+
+    def __init__(self, model: torch.nn.Module, encoder: Any, tokenizer: Any, max_batch_rows: int = 256,
+                 suppress_tokens: Sequence[int] = ()):
+        self.model, self.encoder, self.tokenizer = model, encoder, tokenizer
+        self.max_batch_rows = max_batch_rows
+        self.suppress_tokens = list(suppress_tokens)  # image placeholders must never be generated
+
+    def sync_weights(self, model: torch.nn.Module, groups: Sequence[str] | None = None) -> dict:
+        self.model = model
+        return {}
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None) -> Rollouts:
+        if seed is not None:
+            torch.manual_seed(seed)
+        rows = [p for p in prompts for _ in range(sampling.n)]
+        parts = [self._generate_rows(rows[i:i + self.max_batch_rows], sampling)
+                 for i in range(0, len(rows), self.max_batch_rows)]
+        width = max(p[0].shape[1] for p in parts)
+        ids = torch.cat([_pad_right(p[0], width, self.tokenizer.pad_token_id) for p in parts])
+        mask = torch.cat([_pad_right(p[1], width, 0) for p in parts])
+        logprobs = torch.cat([_pad_right(p[2], width, 0.0) for p in parts])
+        reasons = [r for p in parts for r in p[3]]
+        texts = self.tokenizer.batch_decode(ids * mask + self.tokenizer.pad_token_id * (1 - mask),
+                                            skip_special_tokens=True)
+        return Rollouts(ids, mask, logprobs, texts, reasons, sampling.n)
+
+    def _generate_rows(self, rows: Sequence[Prompt], sampling: SamplingConfig):
+        tokens, images = self.encoder.encode_prompts([p.text for p in rows], [p.images for p in rows])
+        device = next(self.model.parameters()).device
+        tokens = {k: v.to(device) for k, v in tokens.items()}
+        images = {k: v.to(device) for k, v in images.items()}
+        greedy = sampling.temperature <= 0
+        kwargs = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens,
+                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                      return_dict_in_generate=True, output_logits=True)
+        if self.suppress_tokens:
+            kwargs["suppress_tokens"] = self.suppress_tokens
+        if not greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(**tokens, **images, **kwargs)
+        finally:
+            self.model.train(was_training)
+        completion = out.sequences[:, tokens["input_ids"].shape[1]:].cpu()
+        scale = 1.0 if greedy else sampling.temperature
+        # One [N, V] step at a time: never materialise [N, T, V] log-softmax.
+        logprobs = torch.stack([
+            torch.log_softmax(step.float().cpu() / scale, dim=-1).gather(1, completion[:, t:t + 1]).squeeze(1)
+            for t, step in enumerate(out.logits)], dim=1)
+        mask, reasons = completion_mask(completion, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                        sampling.max_new_tokens, bool(sampling.stop))
+        return completion, mask, logprobs * mask, reasons
+
+
+def completion_mask(ids: torch.Tensor, eos_id: int, pad_id: int, max_new_tokens: int,
+                    has_stop_strings: bool) -> tuple[torch.Tensor, list[str]]:
+    """Valid-token mask (through the first EOS) and finish reason per row.
+
+    ``generate`` fills finished rows with the pad id; a row that ends in pads without an EOS was
+    cut by a stop string.
+    """
+    n, width = ids.shape
+    positions = torch.arange(width).expand(n, width)
+    is_eos = ids == eos_id
+    has_eos = is_eos.any(1)
+    end = torch.where(has_eos, is_eos.float().argmax(1) + 1, torch.full((n,), width))
+    reasons = []
+    for i in range(n):
+        if has_eos[i]:
+            reasons.append("stop")
+            continue
+        row_end = width
+        if has_stop_strings:
+            non_pad = (ids[i] != pad_id).nonzero()
+            row_end = int(non_pad[-1]) + 1 if len(non_pad) else 0
+            end[i] = row_end
+        reasons.append("length" if row_end >= max_new_tokens else "stop")
+    return (positions < end[:, None]).long(), reasons
+
+
+def _pad_right(t: torch.Tensor, width: int, value) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
+    return torch.cat([t, pad], dim=1)

@@ -1,0 +1,334 @@
+"""Stage 2: GRPO with verifiable rewards (Skywork-R1V3, arXiv 2507.06167, §3.2; GRPO from
+DeepSeekMath, arXiv 2402.03300).
+
+One training step = one rollout batch:
+  prompts → G samples each (rollout engine) → rewards → group advantages → (optional) dynamic
+  sampling → ``num_iterations × mini_batches`` optimizer updates, each accumulated over micro-batches
+  cut by a token budget → weight sync to the engine.
+
+The paper is on-policy (one update per rollout batch), so by default no old log-probs are computed:
+the ratio is exactly 1 and the loss is the plain policy gradient. ``global_step``/``max_steps``
+count optimizer updates, as everywhere in Lightning.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, Mapping, Sequence
+
+import torch
+from torchmetrics import MeanMetric
+
+from r1v3 import backbone as bb
+from r1v3.data_modules.collate import VLMCollator, append_targets
+from r1v3.logprobs import gather_logprobs
+from r1v3.rewards import load_reward
+from r1v3.rl.advantages import group_advantages, zero_variance_groups
+from r1v3.rl.entropy import entropy_from_logits, masked_mean
+from r1v3.rl.losses import aggregate, kl_penalty, policy_loss, sequence_kl
+from r1v3.rl.rollout import HFGenerateEngine, Prompt, Rollouts, SamplingConfig
+from r1v3.stages.base import OptimizerConfig, R1V3Module
+from r1v3.stages.rollout_log import RolloutTable
+
+
+class GRPOStage(R1V3Module):
+    collate_mode = "prompt"
+
+    def __init__(
+        self,
+        model_path: str,
+        trainable: Sequence[str] = ("vision", "connector", "llm"),
+        optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, warmup_ratio=0.0, schedule="constant"),
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        trust_remote_code: bool = False,
+        groups: Mapping[str, list[str]] | None = None,
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        reward_fn: str = "r1v3.rewards.R1V3Reward",
+        reward_kwargs: dict | None = None,
+        truncation: Literal["score", "zero", "mask"] = "score",
+        std_mode: Literal["group", "batch", "none"] = "group",
+        loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean",
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        num_iterations: int = 1,
+        mini_batches: int = 1,
+        micro_batch_tokens: int = 8192,
+        max_grad_norm: float = 1.0,
+        kl_coef: float = 0.0,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        kl_in: Literal["loss", "reward"] = "loss",
+        dynamic_sampling: bool = False,
+        rollout_log_every: int = 50,
+        val_samples: int = 4,
+        seed: int = 0,
+    ):
+        """GRPO reinforcement learning from verifiable rewards.
+
+        Args:
+            model_path: Policy to start from: an HF directory (e.g. the SFT stage's export_dir).
+            trainable: Module groups that train; the paper trains all of them in RL.
+            optimizer: Optimizer and schedule (the paper: lr 1e-5, and its own ablation finds 1e-6
+                stable; DESIGN §1).
+            dtype: Dtype the weights load in.
+            attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (CUDA only).
+            trust_remote_code: Allow the checkpoint's own Python code.
+            groups: Module groups for families r1v3 does not know.
+            gradient_checkpointing: Recompute activations in backward.
+            export_dir: Save an HF-format checkpoint here when training ends.
+            sampling: Rollout sampling: n (= G), temperature, top_p, max_new_tokens, stop.
+            reward_fn: Import path of the reward callable (items → dicts with ``reward``).
+            reward_kwargs: Keyword arguments if ``reward_fn`` is a class.
+            truncation: Completions that hit max_new_tokens: ``score`` normally, ``zero`` reward,
+                or ``mask`` them out of the loss (DAPO's overlong filtering, arXiv 2503.14476).
+            std_mode: Advantage normalisation: ``group`` std (GRPO), ``batch`` std, ``none``
+                (Dr.GRPO, arXiv 2503.20783).
+            loss_agg: ``seq-mean-token-mean`` (the paper), ``token-mean`` (DAPO),
+                ``seq-mean-token-sum-norm`` (Dr.GRPO).
+            clip_eps_low: PPO clip range below 1 (the paper: 0.2).
+            clip_eps_high: Clip range above 1; > clip_eps_low is DAPO's clip-higher.
+            num_iterations: Updates per rollout batch over the same samples (1 = on-policy).
+            mini_batches: Optimizer updates each iteration splits the rollout batch into.
+            micro_batch_tokens: Token budget of one forward/backward; gradients accumulate.
+            max_grad_norm: Gradient clipping norm (0 disables).
+            kl_coef: β of the KL to the reference policy; 0 (the paper) loads no reference.
+            kl_estimator: k1, k2 or k3 (Schulman); see README for their gradients.
+            kl_in: Apply β·KL in the ``loss`` or subtract it from the ``reward``.
+            dynamic_sampling: Drop groups whose rewards are all equal (DAPO); off by default.
+            rollout_log_every: Log a table of sample rollouts every N steps (0 = never).
+            val_samples: Validation samples per question at the rollout temperature; their mean
+                accuracy is ``val/accuracy`` (the paper's protocol samples at temperature 1.0).
+                ``val/accuracy_greedy`` is reported beside it.
+            seed: Base of the per-rank, per-step sampling seeds.
+        """
+        super().__init__(model_path, trainable, optimizer, dtype, attn_implementation, trust_remote_code,
+                         groups, gradient_checkpointing, sampling.max_new_tokens, export_dir)
+        self.automatic_optimization = False
+        self.sampling = sampling
+        self.reward_fn = load_reward(reward_fn, reward_kwargs)
+        self.engine = None
+        self.encoder: VLMCollator | None = None
+        self.reference = None
+        self.rollout_table = RolloutTable(every=rollout_log_every)
+        self.val_metrics = torch.nn.ModuleDict(
+            {k: MeanMetric() for k in ("accuracy", "reward", "format_rate", "accuracy_greedy")})
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Encode rollout prompts exactly as the data module does (resolution, system prompt).
+        options = getattr(self._trainer.datamodule, "collate_options", {}) if self._trainer else {}
+        self.encoder = VLMCollator(self.processor, mode="prompt", **options)
+        if self.engine is not None:
+            self.engine.encoder = self.encoder
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.hparams.kl_coef > 0 and self.reference is None:
+            ref = bb.load_backbone(self.model_path, dtype=self.hparams.dtype,
+                                   trust_remote_code=self.hparams.trust_remote_code, groups=self.hparams.groups)
+            self.reference = [ref.model.eval().requires_grad_(False)]  # a list hides it from Lightning
+        if self.engine is None:
+            self.engine = HFGenerateEngine(self.model, self.encoder, self.tokenizer,
+                                           suppress_tokens=bb.multimodal_token_ids(self.processor))
+
+    # -- one GRPO step ---------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int):
+        self.count_skips(batch)
+        if batch.get("inputs") is None:
+            return None
+        hp, meta, G = self.hparams, batch["meta"], self.sampling.n
+        prompts = [Prompt(t, imgs) for t, imgs in zip(meta["prompt_text"], meta["pil_images"])]
+        t0 = time.perf_counter()
+        seed = hp.seed + 100_003 * self.global_step + 7 * self.global_rank
+        rollouts = self.engine.generate(prompts, self.sampling, seed=seed)
+        t_rollout = time.perf_counter() - t0
+
+        scores = self.score(meta, rollouts)
+        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+        truncated = rollouts.truncated
+        if hp.truncation == "zero":
+            rewards = torch.where(truncated, torch.zeros_like(rewards), rewards)
+        t_reward = time.perf_counter() - t0 - t_rollout
+
+        rows = torch.arange(len(rewards))
+        loss_mask = rollouts.completion_mask.float()
+        if hp.truncation == "mask":
+            loss_mask = loss_mask * (~truncated).float()[:, None]
+        ref_logp = self.reference_logprobs(prompts, rollouts) if hp.kl_coef > 0 else None
+        if ref_logp is not None and hp.kl_in == "reward":
+            rewards = rewards - hp.kl_coef * sequence_kl(rollouts.logprobs, ref_logp, rollouts.completion_mask,
+                                                         hp.kl_estimator)
+        advantages = group_advantages(rewards, G, std_mode=hp.std_mode)
+        flat = zero_variance_groups(rewards, G)
+        if hp.dynamic_sampling:
+            rows = rows[~flat.repeat_interleave(G)]
+
+        t1 = time.perf_counter()
+        update_stats = self.update(prompts, rollouts, advantages, loss_mask, ref_logp, rows) if len(rows) else {}
+        t_update = time.perf_counter() - t1
+        sync = self.engine.sync_weights(self.model, self.trainable)
+
+        n_tokens = float(rollouts.completion_mask.sum())
+        acc = torch.tensor([float(s.get("accuracy", 0.0)) for s in scores])
+        fmt = torch.tensor([float(s.get("format", 0.0)) for s in scores])
+        lengths = rollouts.lengths.float()
+        logs = {
+            "reward_mean": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else 0.0,
+            "accuracy": acc.mean(), "format_rate": fmt.mean(), "truncation_rate": truncated.float().mean(),
+            "response_len_mean": lengths.mean(), "response_len_max": lengths.max(),
+            "zero_variance_groups": flat.float().mean(), "rollout_s": t_rollout, "reward_s": t_reward,
+            "update_s": t_update, "rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
+            "update_tokens_per_s": n_tokens * hp.num_iterations / max(t_update, 1e-9),
+            "step_s": time.perf_counter() - t0, **update_stats, **{f"sync_{k}": v for k, v in sync.items()},
+        }
+        for key, value in (getattr(self.reward_fn, "stats", None) or {}).items():
+            logs[f"reward_{key}"] = value  # cumulative: timeouts, errors, judge flips
+        if ref_logp is not None:
+            logs["kl_ref"] = masked_mean(kl_penalty(rollouts.logprobs, ref_logp, "k3"), rollouts.completion_mask)
+        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, batch_size=len(prompts))
+        self.log("reward", float(logs["reward_mean"]), prog_bar=True, logger=False)
+        self.log("step_s", float(logs["step_s"]), prog_bar=True, logger=False)
+        self.last_rollouts = (meta, rollouts, scores)  # for callbacks (entropy, KL monitors)
+        self.rollout_table.maybe_log(self, meta, rollouts, scores)
+
+    def score(self, meta: dict, rollouts: Rollouts) -> list[dict]:
+        G = rollouts.group_size
+        items = [{"question": meta["question"][i // G], "answer": meta["answer"][i // G],
+                  "options": meta["options"][i // G], "response": text}
+                 for i, text in enumerate(rollouts.texts)]
+        return self.reward_fn(items)
+
+    # -- updates ---------------------------------------------------------------------------------
+    def update(self, prompts, rollouts: Rollouts, advantages, loss_mask, ref_logp, rows) -> dict:
+        hp, G = self.hparams, rollouts.group_size
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        old_logp = None
+        t_forward = t_backward = 0.0
+        t0 = time.perf_counter()
+        if hp.num_iterations * hp.mini_batches > 1:  # off-policy updates need π_old fixed up front
+            with torch.no_grad():
+                old_logp = torch.cat([self.policy_logprobs(prompts, rollouts, micro, with_grad=False)[0]
+                                      for micro in self.micro_batches(prompts, rollouts, rows)])
+        t_old = time.perf_counter() - t0
+        stats: dict[str, list] = {}
+        for _ in range(hp.num_iterations):
+            for mb in rows.chunk(hp.mini_batches):
+                opt.zero_grad()
+                mb_seqs, mb_tokens = len(mb), float(loss_mask[mb].sum())
+                for micro in self.micro_batches(prompts, rollouts, mb):
+                    t0 = time.perf_counter()
+                    logp, entropy = self.policy_logprobs(prompts, rollouts, micro, with_grad=True)
+                    t_forward += time.perf_counter() - t0
+                    mask = loss_mask[micro]
+                    old = old_logp[torch.searchsorted(rows, micro)] if old_logp is not None else logp.detach()
+                    loss, st = policy_loss(logp, old, advantages[micro], mask, hp.clip_eps_low,
+                                           hp.clip_eps_high, hp.loss_agg, norm_length=self.sampling.max_new_tokens)
+                    if ref_logp is not None and hp.kl_in == "loss":
+                        kl = kl_penalty(logp, ref_logp[micro], hp.kl_estimator)
+                        loss = loss + hp.kl_coef * aggregate(kl, mask, hp.loss_agg,
+                                                             norm_length=self.sampling.max_new_tokens)
+                    # Each micro-batch's share of the mini-batch mean.
+                    share = float(mask.sum()) / max(mb_tokens, 1.0) if hp.loss_agg == "token-mean" else len(micro) / mb_seqs
+                    t0 = time.perf_counter()
+                    self.manual_backward(loss * share)
+                    t_backward += time.perf_counter() - t0
+                    st["entropy"] = masked_mean(entropy, mask)
+                    st["loss"] = loss.detach()
+                    for k, v in st.items():
+                        stats.setdefault(k, []).append(float(v))
+                if hp.max_grad_norm > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.model.parameters() if p.requires_grad], hp.max_grad_norm)
+                    stats.setdefault("grad_norm", []).append(float(grad_norm))
+                opt.step()
+                sched.step()
+        stats["lr"] = [opt.param_groups[0]["lr"]]
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        return out | {"old_logprob_s": t_old, "forward_s": t_forward, "backward_s": t_backward}
+
+    def micro_batches(self, prompts, rollouts: Rollouts, rows: torch.Tensor):
+        """Cut ``rows`` into runs whose (prompt + completion) tokens fit the budget."""
+        budget, G = self.hparams.micro_batch_tokens, rollouts.group_size
+        prompt_len = {}
+        current, used = [], 0
+        for r in rows.tolist():
+            p = r // G
+            if p not in prompt_len:  # exact: image tokens depend on the processor and resolution
+                tokens, _ = self.encoder.encode_prompts([prompts[p].text], [prompts[p].images])
+                prompt_len[p] = tokens["input_ids"].shape[1]
+            cost = prompt_len[p] + int(rollouts.completion_mask[r].sum())
+            if current and used + cost > budget:
+                yield torch.tensor(current)
+                current, used = [], 0
+            current.append(r)
+            used += cost
+        if current:
+            yield torch.tensor(current)
+
+    def policy_logprobs(self, prompts, rollouts: Rollouts, rows: torch.Tensor, with_grad: bool,
+                        model: torch.nn.Module | None = None):
+        """Per-token log-probs [len(rows), T] of the sampled completions (temperature-scaled, as
+        sampled) and the full-distribution entropy at each completion position."""
+        G = rollouts.group_size
+        tokens, images = self.encoder.encode_prompts([prompts[r // G].text for r in rows.tolist()],
+                                                     [prompts[r // G].images for r in rows.tolist()])
+        ids = rollouts.completion_ids[rows]
+        width = ids.shape[1]
+        targets = [row[: int(n)].tolist() for row, n in zip(ids, rollouts.completion_mask[rows].sum(1))]
+        inputs, _, start = append_targets(tokens, targets, self.tokenizer.pad_token_id)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        images = {k: v.to(self.device) for k, v in images.items()}
+        with torch.set_grad_enabled(with_grad):
+            logits = (model or self.model)(**inputs, **images, use_cache=False).logits
+            # position start+t-1 predicts completion token t
+            index = (start.to(self.device)[:, None] - 1 + torch.arange(width, device=self.device)[None])
+            index = index.clamp(max=logits.shape[1] - 1)
+            picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+            temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
+            picked = picked.float() / temperature
+            logp = gather_logprobs(picked, ids.to(self.device))
+            entropy = entropy_from_logits(picked.detach())
+        return logp.cpu() * rollouts.completion_mask[rows], entropy.cpu()
+
+    @torch.no_grad()
+    def reference_logprobs(self, prompts, rollouts: Rollouts) -> torch.Tensor:
+        rows = torch.arange(rollouts.completion_ids.shape[0])
+        parts = [self.policy_logprobs(prompts, rollouts, micro, False, model=self.reference[0])[0]
+                 for micro in self.micro_batches(prompts, rollouts, rows)]
+        return torch.cat(parts)
+
+    # -- validation: greedy answers through the same engine --------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int):
+        if batch.get("inputs") is None:
+            return
+        meta = batch["meta"]
+        prompts = [Prompt(t, imgs) for t, imgs in zip(meta["prompt_text"], meta["pil_images"])]
+        greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens,
+                                stop=self.sampling.stop)
+        names = ("accuracy_greedy",) if self.hparams.val_samples > 0 else ("accuracy_greedy", "accuracy")
+        for s in self.score(meta, self.engine.generate(prompts, greedy)):
+            for name in names:
+                self.val_metrics[name].update(float(s.get("accuracy", 0.0)))
+        if self.hparams.val_samples > 0:
+            sampled = SamplingConfig(n=self.hparams.val_samples, temperature=self.sampling.temperature,
+                                     top_p=self.sampling.top_p, max_new_tokens=self.sampling.max_new_tokens,
+                                     stop=self.sampling.stop)
+            seed = self.hparams.seed + 7 * self.global_rank + 1_000_003 * (batch_idx + 1)  # same per eval
+            for s in self.score(meta, self.engine.generate(prompts, sampled, seed=seed)):
+                self.val_metrics["accuracy"].update(float(s.get("accuracy", 0.0)))
+                self.val_metrics["reward"].update(float(s["reward"]))
+                self.val_metrics["format_rate"].update(float(s.get("format", 0.0)))
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_metrics.items():
+            if metric.update_count:
+                self.log(f"val/{name}", metric.compute(), prog_bar=name == "accuracy")
+            metric.reset()
+
+    def on_fit_end(self) -> None:
+        close = getattr(self.reward_fn, "close", None)
+        if close:
+            close()
+
