@@ -89,7 +89,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         tasks = tuple(args.tasks.split(",")) if args.tasks else synthetic.DEFAULT_TRAIN_TASKS
         synthetic.write_synthetic(workdir / "data", n_train=args.n_train, n_val=args.n_val, n_ood=args.n_val,
                                   seed=args.seed, train_tasks=tasks)
-    extra = ["--seed_everything", str(args.seed), *overrides]
+    extra = ["--seed_everything", str(args.seed), "--data.init_args.seed", str(args.seed), *overrides]
     report = {"chance": round(chance_accuracy(workdir / "data" / "val"), 3)}
     report["sft"] = run_stage(Path(args.config), workdir, "sft", args.steps, extra)
     if not args.no_control:
@@ -105,7 +105,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     if not args.no_grpo:
         # GRPO validates by the paper's protocol (samples at temperature 1.0), so its starting
         # point is measured the same way rather than taken from the SFT run's greedy score.
-        grpo_extra = ["--seed_everything", str(args.seed), "--model.init_args.seed", str(args.seed), *args.grpo_arg]
+        grpo_extra = ["--seed_everything", str(args.seed), "--data.init_args.seed", str(args.seed),
+                      "--model.init_args.rollout_seed", str(args.seed), *args.grpo_arg]
         report["grpo_start"] = run_stage(Path(args.grpo_config), workdir, "grpo_start", None, grpo_extra,
                                          model_dir=workdir / "sft" / "hf", command="validate")
         report["grpo"] = run_stage(Path(args.grpo_config), workdir, "grpo", args.grpo_steps, grpo_extra,

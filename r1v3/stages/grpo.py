@@ -63,7 +63,7 @@ class GRPOStage(R1V3Module):
         dynamic_sampling: bool = False,
         rollout_log_every: int = 50,
         val_samples: int = 4,
-        seed: int = 0,
+        rollout_seed: int = 0,
     ):
         """GRPO reinforcement learning from verifiable rewards.
 
@@ -101,7 +101,7 @@ class GRPOStage(R1V3Module):
             val_samples: Validation samples per question at the rollout temperature; their mean
                 accuracy is ``val/accuracy`` (the paper's protocol samples at temperature 1.0).
                 ``val/accuracy_greedy`` is reported beside it.
-            seed: Base of the per-rank, per-step sampling seeds.
+            rollout_seed: Base of the per-rank, per-step sampling seeds.
         """
         super().__init__(model_path, trainable, optimizer, dtype, attn_implementation, trust_remote_code,
                          groups, gradient_checkpointing, sampling.max_new_tokens, export_dir)
@@ -141,7 +141,7 @@ class GRPOStage(R1V3Module):
         hp, meta, G = self.hparams, batch["meta"], self.sampling.n
         prompts = [Prompt(t, imgs) for t, imgs in zip(meta["prompt_text"], meta["pil_images"])]
         t0 = time.perf_counter()
-        seed = hp.seed + 100_003 * self.global_step + 7 * self.global_rank
+        seed = hp.rollout_seed + 100_003 * self.global_step + 7 * self.global_rank
         rollouts = self.engine.generate(prompts, self.sampling, seed=seed)
         t_rollout = time.perf_counter() - t0
 
@@ -315,7 +315,7 @@ class GRPOStage(R1V3Module):
             sampled = SamplingConfig(n=self.hparams.val_samples, temperature=self.sampling.temperature,
                                      top_p=self.sampling.top_p, max_new_tokens=self.sampling.max_new_tokens,
                                      stop=self.sampling.stop)
-            seed = self.hparams.seed + 7 * self.global_rank + 1_000_003 * (batch_idx + 1)  # same per eval
+            seed = self.hparams.rollout_seed + 7 * self.global_rank + 1_000_003 * (batch_idx + 1)  # same per eval
             for s in self.score(meta, self.engine.generate(prompts, sampled, seed=seed)):
                 self.val_metrics["accuracy"].update(float(s.get("accuracy", 0.0)))
                 self.val_metrics["reward"].update(float(s["reward"]))
