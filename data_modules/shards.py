@@ -132,6 +132,11 @@ def _build_record(sample: dict, key: str) -> dict:
         meta["options"] = list(options)
     if sample.get("trace") is not None:
         meta["trace"] = str(sample["trace"])
+    # Other plain fields (e.g. a rejection-sampled response) travel along unchanged.
+    for field, value in sample.items():
+        if field not in meta and field not in ("images", "options", "trace") and isinstance(
+                value, (str, int, float, bool)):
+            meta[field] = value
     rec["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
     return rec
 

@@ -10,7 +10,8 @@ TOOLS = {
     "tiny": ("r1v3.tiny", "tiny_main", "build a random tiny VLM offline (model + tokenizer + processor)"),
     "synth": ("r1v3.data_modules.synthetic", "synth_main", "render the synthetic visual-math shards"),
     "shards": ("r1v3.data_modules.shards", "shards_main", "convert JSONL/MMMU/geometry3k records to shards"),
-    "demo": ("r1v3.demo", "demo_main", "the embedded CPU demo: tiny model, synthetic data, SFT + control"),
+    "demo": ("r1v3.demo", "demo_main", "the embedded CPU demo: tiny model, synthetic data, SFT + control, GRPO"),
+    "rejection-sample": ("r1v3.rejection", "rejection_main", "build SFT shards from verified samples of a model"),
 }
 STAGES = "fit, validate, test, predict"
 

@@ -125,3 +125,15 @@ def test_rollout_table_is_written(tiny_dirs, synth_dir, tmp_path):
     row = json.loads(lines[0])
     assert {"question", "completion", "extracted", "reward", "image"} <= row.keys()
     assert len(lines) == 2 * 8  # 2 steps × (2 prompts × 4 samples)
+
+
+def test_vllm_rollout_without_vllm_is_one_clear_error(tiny_dirs):
+    import pytest
+
+    from r1v3.backbone import BackboneError
+    from r1v3.rl.vllm_engine import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here; this checks the message a core install gives")
+    with pytest.raises(BackboneError, match="setup_vllm.sh"):
+        make_stage(tiny_dirs, rollout="vllm")

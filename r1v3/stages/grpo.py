@@ -27,6 +27,7 @@ from r1v3.rl.advantages import group_advantages, zero_variance_groups
 from r1v3.rl.entropy import entropy_from_logits, masked_mean
 from r1v3.rl.losses import aggregate, kl_penalty, policy_loss, sequence_kl
 from r1v3.rl.rollout import HFGenerateEngine, Prompt, Rollouts, SamplingConfig
+from r1v3.rl.vllm_engine import INSTALL_HINT, VLLMConfig, vllm_available
 from r1v3.stages.base import OptimizerConfig, R1V3Module
 from r1v3.stages.rollout_log import RolloutTable
 
@@ -46,6 +47,8 @@ class GRPOStage(R1V3Module):
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
         sampling: SamplingConfig = SamplingConfig(),
+        rollout: Literal["hf", "vllm"] = "hf",
+        vllm: VLLMConfig = VLLMConfig(),
         reward_fn: str = "r1v3.rewards.R1V3Reward",
         reward_kwargs: dict | None = None,
         truncation: Literal["score", "zero", "mask"] = "score",
@@ -79,6 +82,8 @@ class GRPOStage(R1V3Module):
             gradient_checkpointing: Recompute activations in backward.
             export_dir: Save an HF-format checkpoint here when training ends.
             sampling: Rollout sampling: n (= G), temperature, top_p, max_new_tokens, stop.
+            rollout: Rollout engine: ``hf`` (generate on the policy) or ``vllm`` (embedded vLLM).
+            vllm: Settings of the embedded vLLM engine.
             reward_fn: Import path of the reward callable (items → dicts with ``reward``).
             reward_kwargs: Keyword arguments if ``reward_fn`` is a class.
             truncation: Completions that hit max_new_tokens: ``score`` normally, ``zero`` reward,
@@ -103,6 +108,8 @@ class GRPOStage(R1V3Module):
                 ``val/accuracy_greedy`` is reported beside it.
             rollout_seed: Base of the per-rank, per-step sampling seeds.
         """
+        if rollout == "vllm" and not vllm_available():
+            raise bb.BackboneError(f"rollout: vllm - {INSTALL_HINT}")
         super().__init__(model_path, trainable, optimizer, dtype, attn_implementation, trust_remote_code,
                          groups, gradient_checkpointing, sampling.max_new_tokens, export_dir)
         self.automatic_optimization = False
@@ -130,8 +137,15 @@ class GRPOStage(R1V3Module):
                                    trust_remote_code=self.hparams.trust_remote_code, groups=self.hparams.groups)
             self.reference = [ref.model.eval().requires_grad_(False)]  # a list hides it from Lightning
         if self.engine is None:
-            self.engine = HFGenerateEngine(self.model, self.encoder, self.tokenizer,
-                                           suppress_tokens=bb.multimodal_token_ids(self.processor))
+            suppress = bb.multimodal_token_ids(self.processor)
+            if self.hparams.rollout == "vllm":
+                from r1v3.rl.vllm_engine import VLLMEngine, vllm_name_mapper
+
+                self.engine = VLLMEngine(self.model_path, self.hparams.vllm, seed=self.hparams.rollout_seed,
+                                         rename=vllm_name_mapper(self.backbone.family),
+                                         group_of=self.backbone.group_of, suppress_tokens=suppress)
+            else:
+                self.engine = HFGenerateEngine(self.model, self.encoder, self.tokenizer, suppress_tokens=suppress)
 
     # -- one GRPO step ---------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
@@ -142,7 +156,9 @@ class GRPOStage(R1V3Module):
         prompts = [Prompt(t, imgs) for t, imgs in zip(meta["prompt_text"], meta["pil_images"])]
         t0 = time.perf_counter()
         seed = hp.rollout_seed + 100_003 * self.global_step + 7 * self.global_rank
+        self._engine_call("wake")
         rollouts = self.engine.generate(prompts, self.sampling, seed=seed)
+        self._engine_call("sleep")
         t_rollout = time.perf_counter() - t0
 
         scores = self.score(meta, rollouts)
@@ -192,6 +208,17 @@ class GRPOStage(R1V3Module):
         self.log("step_s", float(logs["step_s"]), prog_bar=True, logger=False)
         self.last_rollouts = (meta, rollouts, scores)  # for callbacks (entropy, KL monitors)
         self.rollout_table.maybe_log(self, meta, rollouts, scores)
+
+    def _engine_call(self, name: str) -> None:
+        """Engines that hold their own memory (vLLM on GPU) sleep through updates."""
+        method = getattr(self.engine, name, None)
+        if method is not None:
+            method()
+
+    def on_fit_start(self) -> None:
+        # A resumed run's weights differ from the directory the engine was built from.
+        if self.hparams.rollout != "hf" and self.trainer.ckpt_path:
+            self.engine.sync_weights(self.model, None, force=True)
 
     def score(self, meta: dict, rollouts: Rollouts) -> list[dict]:
         G = rollouts.group_size

@@ -1,0 +1,160 @@
+"""Embedded vLLM rollout engine: an in-process ``vllm.LLM`` colocated with the trainer.
+
+Built from the policy's HF directory at the start of fit; after optimizer steps the trainer's
+weights are pushed in (``collective_rpc("reload_weights")``, bucketed by transformer block, only
+the groups that train), then the prefix and encoder caches are reset. On CPU the settings of
+../shared/VLLM_CPU.md are applied automatically (in-process engine core, float32, eager, a small
+KV cache). On GPU the engine sleeps during updates and wakes for rollouts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig
+from r1v3.rl.weight_sync import bucketize, trainable_state
+
+INSTALL_HINT = ("the vLLM rollout engine needs vLLM: on GPUs `pip install 'r1v3[vllm]'`; on CPU run "
+                "`bash .ci/setup_vllm.sh` and use its venv (see README, 'vLLM engine').")
+
+
+@dataclass
+class VLLMConfig:
+    """Settings of the embedded vLLM engine.
+
+    Args:
+        gpu_memory_utilization: Share of GPU memory vLLM may take (weights + KV cache).
+        tensor_parallel_size: GPUs per engine.
+        max_model_len: Longest prompt + completion.
+        enforce_eager: Skip CUDA graphs (always on for CPU).
+        dtype: Engine dtype (``auto``; float32 on CPU, where bf16 crashed across processes).
+        sleep_mode: On GPU, free the engine's memory during updates and wake before rollouts.
+        sync_every: Push weights every k optimizer steps.
+        bucket_mb: Target size of one weight push (whole transformer blocks per push).
+        cpu_kv_cache_gb: ``VLLM_CPU_KVCACHE_SPACE`` when no GPU is present.
+        max_images_per_prompt: ``limit_mm_per_prompt`` for images.
+    """
+
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    enforce_eager: bool = False
+    dtype: str = "auto"
+    sleep_mode: bool = True
+    sync_every: int = 1
+    bucket_mb: int = 256
+    cpu_kv_cache_gb: int = 1
+    max_images_per_prompt: int = 1
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install counts as absent; the caller says how to fix
+        return False
+    return True
+
+
+class VLLMEngine:
+    """:class:`r1v3.rl.rollout.RolloutEngine` backed by vLLM."""
+
+    def __init__(self, model_dir: str, config: VLLMConfig = VLLMConfig(), seed: int = 0,
+                 rename: Callable[[str], str] = lambda n: n, group_of: Callable[[str], str | None] | None = None,
+                 suppress_tokens: Sequence[int] = ()):
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # tensors cannot cross processes
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gb))
+        if "RANK" not in os.environ and "LOCAL_RANK" in os.environ:
+            os.environ["RANK"] = os.environ.get("GLOBAL_RANK", os.environ["LOCAL_RANK"])  # Lightning omits RANK
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise RuntimeError(INSTALL_HINT) from None
+        kwargs = dict(model=str(model_dir), seed=seed, max_model_len=config.max_model_len,
+                      limit_mm_per_prompt={"image": config.max_images_per_prompt},
+                      tensor_parallel_size=config.tensor_parallel_size)
+        if on_gpu:
+            kwargs.update(dtype=config.dtype, enforce_eager=config.enforce_eager,
+                          gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.sleep_mode)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                kwargs["distributed_executor_backend"] = "external_launcher"
+        else:
+            kwargs.update(dtype="float32", enforce_eager=True, block_size=32)
+        self.config, self.on_gpu = config, on_gpu
+        self.rename, self.group_of = rename, group_of
+        self.suppress_tokens = list(suppress_tokens)
+        self.llm = LLM(**kwargs)
+        self.syncs = 0
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None) -> Rollouts:
+        from vllm import SamplingParams
+
+        greedy = sampling.temperature <= 0
+        params = SamplingParams(
+            n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None, logprobs=0, seed=seed,
+            logit_bias={t: -100.0 for t in self.suppress_tokens} or None)
+        requests = [{"prompt": p.text, "multi_modal_data": {"image": p.images if len(p.images) > 1 else p.images[0]}}
+                    if p.images else {"prompt": p.text} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        ids, logprobs, texts, reasons = [], [], [], []
+        for out in outputs:
+            for comp in out.outputs:
+                ids.append(list(comp.token_ids))
+                logprobs.append([lp[tok].logprob for tok, lp in zip(comp.token_ids, comp.logprobs or [])])
+                texts.append(comp.text)
+                reasons.append("length" if comp.finish_reason == "length" else "stop")
+        width = max((len(x) for x in ids), default=0)
+        pad = self.llm.get_tokenizer().pad_token_id or 0
+        id_t = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        lp_t = torch.zeros((len(ids), width))
+        for i, (row, lps) in enumerate(zip(ids, logprobs)):
+            id_t[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+            lp_t[i, :len(lps)] = torch.tensor(lps)
+        return Rollouts(id_t, mask, lp_t, texts, reasons, sampling.n)
+
+    def sync_weights(self, model: torch.nn.Module, groups: Sequence[str] | None = None, force: bool = False) -> dict:
+        self.syncs += 1
+        if not force and (self.syncs - 1) % self.config.sync_every:
+            return {}
+        started = time.perf_counter()
+        pushed = 0
+        state = trainable_state(model, self.group_of or (lambda n: None), groups, self.rename)
+        for bucket in bucketize(state, self.config.bucket_mb << 20):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+            pushed += len(bucket)
+        self.llm.reset_prefix_cache()
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "reset_encoder_cache"):
+            engine.reset_encoder_cache()  # else the next multimodal request misses its cache
+        return {"s": time.perf_counter() - started, "tensors": pushed}
+
+    def sleep(self) -> None:
+        if self.on_gpu and self.config.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.on_gpu and self.config.sleep_mode:
+            self.llm.wake_up()
+
+
+def vllm_name_mapper(family: str) -> Callable[[str], str]:
+    """HF parameter name → the name vLLM's ``load_weights`` expects for this family."""
+    if family == "llava":
+        # transformers >= 5.19 saves the CLIP tower as model.vision_tower.*; vLLM wants the
+        # original vision_tower.vision_model.* layout (../shared/VLLM_CPU.md).
+        def rename(name: str) -> str:
+            if name.startswith("model.vision_tower."):
+                return "vision_tower." + name[len("model.vision_tower."):]
+            return name
+        return rename
+    return lambda name: name
