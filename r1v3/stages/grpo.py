@@ -114,6 +114,7 @@ class GRPOStage(R1V3Module):
                          groups, gradient_checkpointing, sampling.max_new_tokens, export_dir)
         self.automatic_optimization = False
         self.sampling = sampling
+        self.vllm_config = vllm  # hparams keep a plain-dict copy; the engine wants the dataclass
         self.reward_fn = load_reward(reward_fn, reward_kwargs)
         self.engine = None
         self.encoder: VLMCollator | None = None
@@ -141,7 +142,7 @@ class GRPOStage(R1V3Module):
             if self.hparams.rollout == "vllm":
                 from r1v3.rl.vllm_engine import VLLMEngine, vllm_name_mapper
 
-                self.engine = VLLMEngine(self.model_path, self.hparams.vllm, seed=self.hparams.rollout_seed,
+                self.engine = VLLMEngine(self.model_path, self.vllm_config, seed=self.hparams.rollout_seed,
                                          rename=vllm_name_mapper(self.backbone.family),
                                          group_of=self.backbone.group_of, suppress_tokens=suppress)
             else:
