@@ -237,7 +237,8 @@ class GRPOStage(R1V3Module):
         t0 = time.perf_counter()
         if hp.num_iterations * hp.mini_batches > 1:  # off-policy updates need π_old fixed up front
             with torch.no_grad():
-                old_logp = torch.cat([self.policy_logprobs(prompts, rollouts, micro, with_grad=False)[0]
+                old_logp = torch.cat([self.policy_logprobs(prompts, rollouts, micro, with_grad=False,
+                                                           with_entropy=False)[0]
                                       for micro in self.micro_batches(prompts, rollouts, rows)])
         t_old = time.perf_counter() - t0
         stats: dict[str, list] = {}
@@ -300,9 +301,11 @@ class GRPOStage(R1V3Module):
             yield torch.tensor(current)
 
     def policy_logprobs(self, prompts, rollouts: Rollouts, rows: torch.Tensor, with_grad: bool,
-                        model: torch.nn.Module | None = None):
+                        model: torch.nn.Module | None = None, with_entropy: bool = True):
         """Per-token log-probs [len(rows), T] of the sampled completions (temperature-scaled, as
-        sampled) and the full-distribution entropy at each completion position."""
+        sampled) and the full-distribution entropy at each completion position (None when
+        ``with_entropy`` is off: the old-policy and reference passes never read it, and over a
+        real vocabulary it is a full softmax per position)."""
         G = rollouts.group_size
         tokens, images = self.encoder.encode_prompts([prompts[r // G].text for r in rows.tolist()],
                                                      [prompts[r // G].images for r in rows.tolist()])
@@ -321,13 +324,14 @@ class GRPOStage(R1V3Module):
             temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
             picked = picked.float() / temperature
             logp = gather_logprobs(picked, ids.to(self.device))
-            entropy = entropy_from_logits(picked.detach())
-        return logp.cpu() * rollouts.completion_mask[rows], entropy.cpu()
+            entropy = entropy_from_logits(picked.detach()).cpu() if with_entropy else None
+        return logp.cpu() * rollouts.completion_mask[rows], entropy
 
     @torch.no_grad()
     def reference_logprobs(self, prompts, rollouts: Rollouts) -> torch.Tensor:
         rows = torch.arange(rollouts.completion_ids.shape[0])
-        parts = [self.policy_logprobs(prompts, rollouts, micro, False, model=self.reference[0])[0]
+        parts = [self.policy_logprobs(prompts, rollouts, micro, False, model=self.reference[0],
+                                      with_entropy=False)[0]
                  for micro in self.micro_batches(prompts, rollouts, rows)]
         return torch.cat(parts)
 
