@@ -60,3 +60,33 @@ def normalized_entropy(h: Tensor, vocab_size: int) -> Tensor:
     if vocab_size < 2:
         raise ValueError("normalized entropy needs a vocabulary of at least 2 tokens")
     return h / math.log(vocab_size)
+
+
+def critical_token_stats(entropy: Tensor, mask: Tensor, triggers: Tensor, vocab_size: int,
+                         high_threshold: float) -> dict[str, float]:
+    """Critical-token entropy summary of a batch of completions (DESIGN.md §1, paper §5.1).
+
+    ``entropy`` [N, T] holds H_t of the distribution that produced completion token t, ``mask``
+    the real tokens and ``triggers`` the tokens that begin a trigger word. Returns:
+
+    - ``critical_entropy`` / ``critical_entropy_norm``: mean H_t (nats, and / ln|V|) over the
+      trigger positions. Both keys are absent, not NaN or 0, when no trigger occurs.
+    - ``trigger_rate_per_1k``: trigger positions per 1,000 completion tokens.
+    - ``token_entropy``: mean H_t over every completion token.
+    - ``high_entropy_share``: share of tokens whose H_t / ln|V| exceeds ``high_threshold``.
+    """
+    mask = mask.bool()
+    triggers = triggers.bool() & mask
+    n_tokens = int(mask.sum())
+    if n_tokens == 0:
+        return {}
+    norm = normalized_entropy(entropy.float(), vocab_size)
+    out = {
+        "trigger_rate_per_1k": 1000.0 * int(triggers.sum()) / n_tokens,
+        "token_entropy": float(entropy[mask].float().mean()),
+        "high_entropy_share": float((norm[mask] > high_threshold).float().mean()),
+    }
+    if triggers.any():
+        out["critical_entropy"] = float(entropy[triggers].float().mean())
+        out["critical_entropy_norm"] = float(norm[triggers].mean())
+    return out

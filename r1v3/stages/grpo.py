@@ -120,6 +120,8 @@ class GRPOStage(R1V3Module):
         self.encoder: VLMCollator | None = None
         self.reference = None
         self.rollout_table = RolloutTable(every=rollout_log_every)
+        self.last_rollouts: tuple | None = None
+        self.val_rollouts: list[tuple] = []  # (prompts, rollouts, scores) of this validation's samples
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("accuracy", "reward", "format_rate", "accuracy_greedy")})
 
@@ -133,10 +135,8 @@ class GRPOStage(R1V3Module):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.hparams.kl_coef > 0 and self.reference is None:
-            ref = bb.load_backbone(self.model_path, dtype=self.hparams.dtype,
-                                   trust_remote_code=self.hparams.trust_remote_code, groups=self.hparams.groups)
-            self.reference = [ref.model.eval().requires_grad_(False)]  # a list hides it from Lightning
+        if self.hparams.kl_coef > 0:
+            self.reference_model()
         if self.engine is None:
             suppress = bb.multimodal_token_ids(self.processor)
             if self.hparams.rollout == "vllm":
@@ -147,6 +147,15 @@ class GRPOStage(R1V3Module):
                                          group_of=self.backbone.group_of, suppress_tokens=suppress)
             else:
                 self.engine = HFGenerateEngine(self.model, self.encoder, self.tokenizer, suppress_tokens=suppress)
+
+    def reference_model(self, device: str | None = None) -> torch.nn.Module:
+        """The frozen initial policy (``model_path``), loaded on first use: for the KL loss, or on
+        the CPU for a KL monitor when the loss has none."""
+        if self.reference is None:
+            ref = bb.load_backbone(self.model_path, dtype=self.hparams.dtype, device=device or str(self.device),
+                                   trust_remote_code=self.hparams.trust_remote_code, groups=self.hparams.groups)
+            self.reference = [ref.model.eval().requires_grad_(False)]  # a list hides it from Lightning
+        return self.reference[0]
 
     # -- one GRPO step ---------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
@@ -207,7 +216,7 @@ class GRPOStage(R1V3Module):
         self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, batch_size=len(prompts))
         self.log("reward", float(logs["reward_mean"]), prog_bar=True, logger=False)
         self.log("step_s", float(logs["step_s"]), prog_bar=True, logger=False)
-        self.last_rollouts = (meta, rollouts, scores)  # for callbacks (entropy, KL monitors)
+        self.last_rollouts = (meta, rollouts, scores, prompts)  # for callbacks (entropy, KL monitors)
         self.rollout_table.maybe_log(self, meta, rollouts, scores)
 
     def _engine_call(self, name: str) -> None:
@@ -328,12 +337,22 @@ class GRPOStage(R1V3Module):
         return logp.cpu() * rollouts.completion_mask[rows], entropy
 
     @torch.no_grad()
-    def reference_logprobs(self, prompts, rollouts: Rollouts) -> torch.Tensor:
+    def reference_logprobs(self, prompts, rollouts: Rollouts, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Log-probs of the rollouts under ``model`` (default: the loaded reference policy)."""
         rows = torch.arange(rollouts.completion_ids.shape[0])
-        parts = [self.policy_logprobs(prompts, rollouts, micro, False, model=self.reference[0],
-                                      with_entropy=False)[0]
+        model = model if model is not None else self.reference[0]
+        parts = [self.policy_logprobs(prompts, rollouts, micro, False, model=model, with_entropy=False)[0]
                  for micro in self.micro_batches(prompts, rollouts, rows)]
         return torch.cat(parts)
+
+    @torch.no_grad()
+    def completion_entropy(self, prompts, rollouts: Rollouts) -> tuple[torch.Tensor, int]:
+        """Entropy [N, T] of the current policy's distribution at each completion token (the
+        logits that produced it, at the sampling temperature), and the vocabulary size."""
+        rows = torch.arange(rollouts.completion_ids.shape[0])
+        parts = [self.policy_logprobs(prompts, rollouts, micro, False)[1]
+                 for micro in self.micro_batches(prompts, rollouts, rows)]
+        return torch.cat(parts), self.model.get_output_embeddings().weight.shape[0]
 
     # -- validation: greedy answers through the same engine --------------------------------------
     def validation_step(self, batch: dict, batch_idx: int):
@@ -344,7 +363,11 @@ class GRPOStage(R1V3Module):
         greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens,
                                 stop=self.sampling.stop)
         names = ("accuracy_greedy",) if self.hparams.val_samples > 0 else ("accuracy_greedy", "accuracy")
-        for s in self.score(meta, self.engine.generate(prompts, greedy)):
+        greedy_rollouts = self.engine.generate(prompts, greedy)
+        greedy_scores = self.score(meta, greedy_rollouts)
+        if self.hparams.val_samples == 0:
+            self.val_rollouts.append((prompts, greedy_rollouts, greedy_scores))
+        for s in greedy_scores:
             for name in names:
                 self.val_metrics[name].update(float(s.get("accuracy", 0.0)))
         if self.hparams.val_samples > 0:
@@ -352,10 +375,16 @@ class GRPOStage(R1V3Module):
                                      top_p=self.sampling.top_p, max_new_tokens=self.sampling.max_new_tokens,
                                      stop=self.sampling.stop)
             seed = self.hparams.rollout_seed + 7 * self.global_rank + 1_000_003 * (batch_idx + 1)  # same per eval
-            for s in self.score(meta, self.engine.generate(prompts, sampled, seed=seed)):
+            rollouts = self.engine.generate(prompts, sampled, seed=seed)
+            scores = self.score(meta, rollouts)
+            self.val_rollouts.append((prompts, rollouts, scores))  # for the monitoring callbacks
+            for s in scores:
                 self.val_metrics["accuracy"].update(float(s.get("accuracy", 0.0)))
                 self.val_metrics["reward"].update(float(s["reward"]))
                 self.val_metrics["format_rate"].update(float(s.get("format", 0.0)))
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_rollouts = []
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_metrics.items():
