@@ -12,6 +12,7 @@ TOOLS = {
     "shards": ("r1v3.data_modules.shards", "shards_main", "convert JSONL/MMMU/geometry3k records to shards"),
     "demo": ("r1v3.demo", "demo_main", "the embedded CPU demo: tiny model, synthetic data, SFT + control, GRPO"),
     "rejection-sample": ("r1v3.rejection", "rejection_main", "build SFT shards from verified samples of a model"),
+    "report": ("r1v3.report", "report_main", "plot a run's curves (PNG) and write a markdown summary"),
 }
 STAGES = "fit, validate, test, predict"
 
