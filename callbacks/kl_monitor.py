@@ -38,7 +38,8 @@ class KLMonitor(Callback):
                 engines agree to ~1e-6; bf16 GPU engines stay in the 1e-3–1e-2 range.
             max_policy_drift: Alarm when the policy change between the updates of one rollout batch
                 (``kl/policy_drift``, k3 of KL(π_old‖π)) exceeds this.
-            action: ``warn`` (a warning and an ``alarm/…`` metric), or also ``stop`` training.
+            action: ``warn`` (a warning and an ``alarm/…`` metric), or also ``stop`` training. An
+                alarm fires when its signal crosses the threshold, not again while it stays above.
             reference_device: Where a reference loaded only for monitoring lives between uses; it
                 visits the training device for each measurement.
         """
@@ -48,6 +49,7 @@ class KLMonitor(Callback):
         self.action, self.reference_device = action, reference_device
         self.events: list[tuple[int, str, str]] = []
         self.history: list[dict] = []  # {"step", "k1", "k2", "k3"} per measurement
+        self._above: set[str] = set()
 
     @staticmethod
     def estimates(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -67,6 +69,17 @@ class KLMonitor(Callback):
                 reference.to(home)
         return self.estimates(rollouts.logprobs, ref_logp, rollouts.completion_mask)
 
+    def _check(self, trainer, pl_module, name: str, value: float, limit: float | None, why: str) -> None:
+        """Alarm when ``value`` crosses above ``limit``; a signal that stays above it does not
+        repeat the alarm until it has come back under."""
+        above = limit is not None and value > limit
+        if above and name not in self._above:
+            self._alarm(trainer, pl_module, name, why)
+        if above:
+            self._above.add(name)
+        else:
+            self._above.discard(name)
+
     def _alarm(self, trainer, pl_module, name: str, why: str) -> None:
         step = trainer.global_step
         self.events.append((step, name, why))
@@ -83,19 +96,18 @@ class KLMonitor(Callback):
         kl = self.measure(pl_module, prompts, rollouts)
         self.history.append({"step": trainer.global_step, **kl})
         pl_module.log_dict({f"kl/{k}": v for k, v in kl.items()})
-        if self.max_kl is not None and kl[self.alarm_estimator] > self.max_kl:
-            self._alarm(trainer, pl_module, "kl",
-                        f"{self.alarm_estimator} KL to the reference {kl[self.alarm_estimator]:.4g} > {self.max_kl}")
+        value = kl[self.alarm_estimator]
+        self._check(trainer, pl_module, "kl", value, self.max_kl,
+                    f"{self.alarm_estimator} KL to the reference {value:.4g} > {self.max_kl}")
         metrics = trainer.callback_metrics
-        gap = metrics.get("train/logprob_gap")
-        if gap is not None and self.max_logprob_gap is not None and float(gap) > self.max_logprob_gap:
-            self._alarm(trainer, pl_module, "logprob_gap",
-                        f"engine and trainer log-probs differ by {float(gap):.3g} > {self.max_logprob_gap} "
+        if "train/logprob_gap" in metrics:
+            gap = float(metrics["train/logprob_gap"])
+            self._check(trainer, pl_module, "logprob_gap", gap, self.max_logprob_gap,
+                        f"engine and trainer log-probs differ by {gap:.3g} > {self.max_logprob_gap} "
                         "on average: is the weight sync stale?")
         hp = pl_module.hparams
         if hp.get("num_iterations", 1) * hp.get("mini_batches", 1) > 1 and "train/approx_kl_old" in metrics:
             drift = float(metrics["train/approx_kl_old"])
             pl_module.log("kl/policy_drift", drift)
-            if self.max_policy_drift is not None and drift > self.max_policy_drift:
-                self._alarm(trainer, pl_module, "policy_drift",
-                            f"KL(π_old‖π) between updates {drift:.4g} > {self.max_policy_drift}")
+            self._check(trainer, pl_module, "policy_drift", drift, self.max_policy_drift,
+                        f"KL(π_old‖π) between updates {drift:.4g} > {self.max_policy_drift}")

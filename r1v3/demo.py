@@ -1,12 +1,15 @@
-"""The embedded CPU demo: a tiny InternVL learns synthetic visual math by SFT, then GRPO.
+"""The embedded CPU demo: the three Skywork-R1V3 stages on a tiny InternVL and synthetic visual math.
 
 1. SFT, as configured (configs/demo/sft.yaml).
 2. The same SFT as a control whose training questions are paired with other samples' images.
    Validation always uses the right images, so the control shows what the model reaches from the
    question text alone.
-3. GRPO (configs/demo/grpo.yaml) from the SFT run's HF export.
+3. GRPO (configs/demo/grpo.yaml) from the SFT run's HF export, with the monitoring callbacks.
+4. Connector-only tuning (configs/demo/connector.yaml) from the GRPO run's HF export.
+5. ``r1v3 report`` over the whole run: report.png and report.md in the work directory.
 
-The demo passes when SFT beats chance and the control, and GRPO beats its SFT starting point.
+The demo passes when SFT beats chance and the control, GRPO beats its SFT starting point, and the
+connector stage leaves every weight outside the connector bit-identical.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from r1v3.data_modules import synthetic
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo" / "sft.yaml"
 DEFAULT_GRPO_CONFIG = REPO / "configs" / "demo" / "grpo.yaml"
+DEFAULT_CONNECTOR_CONFIG = REPO / "configs" / "demo" / "connector.yaml"
 
 
 def chance_accuracy(val_dir: Path) -> float:
@@ -37,6 +41,17 @@ def chance_accuracy(val_dir: Path) -> float:
             else:
                 odds.append(1 / synthetic.answer_space_size(s["subject"], s.get("difficulty") or 1))
     return sum(odds) / max(len(odds), 1)
+
+
+def changed_groups(before: Path, after: Path) -> list[str]:
+    """Module groups (vision, connector, llm) with any weight that differs between two HF exports."""
+    from r1v3.backbone import load_backbone
+
+    old, new = load_backbone(before), load_backbone(after)
+    params = dict(new.model.named_parameters())
+    changed = {group for group, named in old.group_parameters().items()
+               for name, p in named if not p.equal(params[name])}
+    return sorted(changed)
 
 
 def run_stage(config: Path, workdir: Path, name: str, steps: int | None, extra: list[str],
@@ -71,6 +86,12 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-grpo", action="store_true", help="stop after SFT (and its control)")
     parser.add_argument("--grpo-arg", action="append", default=[],
                         help="extra argument for the GRPO run, e.g. --grpo-arg=--trainer.val_check_interval=20")
+    parser.add_argument("--connector-config", default=str(DEFAULT_CONNECTOR_CONFIG))
+    parser.add_argument("--connector-steps", type=int, default=None,
+                        help="override the connector stage's trainer.max_steps")
+    parser.add_argument("--no-connector", action="store_true", help="stop after GRPO")
+    parser.add_argument("--connector-arg", action="append", default=[],
+                        help="extra argument for the connector run, e.g. --connector-arg=--trainer.val_check_interval=10")
     parser.add_argument("--tasks", default=None, help="comma-separated synthetic tasks (default: all)")
     parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--n-val", type=int, default=256)
@@ -117,6 +138,16 @@ def demo_main(argv: list[str] | None = None) -> int:
         report["grpo_gain"] = round(report["grpo"].get("val/accuracy", 0.0)
                                     - report["grpo_start"].get("val/accuracy", 0.0), 4)
         ok = ok and report["grpo_gain"] > 0
+        if not args.no_connector:
+            report["connector"] = run_stage(Path(args.connector_config), workdir, "connector", args.connector_steps,
+                                            [*extra, *args.connector_arg], model_dir=workdir / "grpo" / "hf")
+            changed = changed_groups(workdir / "grpo" / "hf", workdir / "connector" / "hf")
+            report["connector"]["changed_groups"] = changed
+            ok = ok and changed == ["connector"]
+    from r1v3.report import build_report
+
+    built = build_report(workdir)
+    report["report"] = {"png": str(built["png"]), "markdown": str(built["markdown"])}
     print(json.dumps(report, indent=1))
     return 0 if ok else 1
 

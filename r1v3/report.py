@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 STAGE_ORDER = ("sft", "control", "grpo_start", "grpo", "connector")  # the demo's run order
+# The three-stage pipeline forms the timeline when present; side runs (the demo's control and its
+# GRPO starting-point evaluation) appear in the summary only.
+PIPELINE = ("sft", "grpo", "connector")
 PANELS = [
     ("reward", ["train/reward_mean"]),
     ("accuracy", ["val/accuracy", "val/accuracy_greedy", "train/accuracy"]),
@@ -153,9 +156,11 @@ def plot(stages: dict[str, dict], alarms: list[dict], title: str, out: Path) -> 
                     ax.axvline(info["offset"], color="grey", linewidth=1)
                 ax.text(info["offset"], 0.98, f" {stage}", transform=ax.get_xaxis_transform(),
                         va="top", fontsize=8, color="grey", clip_on=True)
+        named = set()
         for alarm in alarms:
             ax.axvline(alarm["x"], color="red", linestyle="--", linewidth=1)
-            if i == 0:  # one panel is enough: the same lines repeat on every panel
+            if i == 0 and alarm["name"] not in named:  # name each alarm once, on one panel
+                named.add(alarm["name"])
                 ax.text(alarm["x"], 0.02, f" {alarm['name']}", transform=ax.get_xaxis_transform(),
                         rotation=90, va="bottom", fontsize=8, color="red", clip_on=True)
         if x_end > 0:  # a shared x range keeps the stage boundaries aligned across panels
@@ -204,6 +209,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> dict:
     offset = 0.0
     alarms: list[dict] = []
     # Stages are laid end to end, so each starts where the previous one's steps ended.
+    timeline = [s for s in _ordered(found) if s in PIPELINE] or _ordered(found)
     for stage in _ordered(found):
         series = read_metrics(found[stage])
         steps = {step for points in series.values() for step, _ in points}
@@ -212,19 +218,21 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> dict:
             if series.get(key):
                 best_step, best = better(series[key], key=lambda p: p[1])
                 metrics[key] = {"final": series[key][-1][1], "best": best, "best_step": int(best_step)}
+        on_timeline = stage in timeline
         for key, points in series.items():
             if key.startswith("alarm/"):
-                alarms += [{"stage": stage, "step": int(s), "name": key[len("alarm/"):], "x": s + offset}
-                           for s, v in points if v >= 0.5]
+                alarms += [{"stage": stage, "step": int(s), "name": key[len("alarm/"):],
+                            "x": s + offset if on_timeline else None} for s, v in points if v >= 0.5]
         stages[stage] = {"csv": found[stage].relative_to(run_dir).as_posix(), "series": series, "offset": offset,
-                         "n_steps": len(steps), "metrics": metrics}
-        offset += max(steps, default=0.0)
+                         "n_steps": len(steps), "metrics": metrics, "plotted": on_timeline}
+        if on_timeline:
+            offset += max(steps, default=0.0)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     png, md = out_dir / "report.png", out_dir / "report.md"
     title = run_dir.resolve().name
     checkpoints = find_checkpoints(run_dir)
-    plot(stages, alarms, title, png)
+    plot({k: v for k, v in stages.items() if v["plotted"]}, [a for a in alarms if a["x"] is not None], title, png)
     md.write_text(summary_markdown(title, stages, alarms, checkpoints, png.name), encoding="utf-8")
     return {"png": png, "markdown": md, "stages": stages, "alarms": alarms, "checkpoints": checkpoints}
 
