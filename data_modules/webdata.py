@@ -12,22 +12,20 @@ no image bytes read), and each epoch is a deterministic plan:
    workers round-robin, so a rank sees the same batch order for any number of workers.
 
 The stream position is (epoch, next batch index). Restoring it skips straight to that batch
-without decoding anything before it. Bad samples (invalid json, missing fields, missing or
-undecodable images) are dropped from their batch and counted; batch counts stay equal across ranks.
+without decoding anything before it. Bad samples are dropped from their batch and counted by reason
+(truncated shard, invalid or non-UTF-8 json, missing field, wrong field type, missing, empty,
+undecodable or oversized image, image/placeholder mismatch); batch counts stay equal across ranks.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import os
-import tarfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from glob import glob
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -36,11 +34,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from r1v3.data_modules.collate import VLMCollator
+from r1v3.data_modules.samples import decode_sample, index_shard
 
 log = logging.getLogger(__name__)
+# Lightning warns that a mid-epoch resume cannot restore the dataloader's position; this data
+# module restores it itself (its state_dict rides in the checkpoint), so the warning is misleading.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-REQUIRED_FIELDS = ("question", "answer")
 Sources = str | list[str] | dict[str, float] | None
 
 
@@ -60,20 +60,6 @@ def expand_shards(spec: str) -> list[str]:
     if missing or not paths:
         raise FileNotFoundError(f"no shards found for {spec!r}" + (f" (missing {missing[0]})" if missing else ""))
     return paths
-
-
-def index_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {ext: (offset, size)})] in file order, grouping members by key as WebDataset does
-    (key = name up to the first dot of the basename)."""
-    samples: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            dirname, base = os.path.split(member.name)
-            key, _, ext = base.partition(".")
-            samples.setdefault(os.path.join(dirname, key), {})[ext] = (member.offset_data, member.size)
-    return list(samples.items())
 
 
 @dataclass
@@ -203,39 +189,6 @@ class ShardStream(IterableDataset):
             return f.read(size)
 
         return decode_sample(key, members, read)
-
-
-def decode_sample(key: str, members: dict, read: Callable[[str], bytes]) -> tuple[dict | None, str]:
-    """(sample, "") or (None, reason). Never raises on bad data."""
-    from PIL import Image
-
-    if "json" not in members:
-        return None, "missing_json"
-    try:
-        record = json.loads(read("json").decode("utf-8"))
-        if not isinstance(record, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        return None, "bad_json"
-    if any(record.get(f) in (None, "") for f in REQUIRED_FIELDS):
-        return None, "missing_field"
-    image_keys = sorted((e for e in members if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS),
-                        key=lambda e: int("".join(c for c in e.split(".")[0] if c.isdigit()) or 0))
-    expected = record.get("n_images", len(image_keys))
-    if len(image_keys) < expected:
-        return None, "missing_image"
-    images = []
-    for ext in image_keys:
-        try:
-            img = Image.open(io.BytesIO(read(ext)))
-            img.load()
-            images.append(img.convert("RGB"))
-        except Exception:  # PIL raises many types on corrupt bytes  # noqa: BLE001
-            return None, "bad_image"
-    record["images"] = images
-    record.setdefault("id", os.path.basename(key))
-    record["answer"] = str(record["answer"])
-    return record, ""
 
 
 class StatefulLoader:
