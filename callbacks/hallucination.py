@@ -26,11 +26,16 @@ def claim_pattern(phrases: Sequence[str]) -> re.Pattern:
     return re.compile("|".join(re.escape(p.lower()) for p in phrases))
 
 
+def has_blind_claim(text: str, pattern: re.Pattern) -> bool:
+    """Whether one response claims it cannot see the image (``pattern`` from :func:`claim_pattern`)."""
+    return bool(pattern.search(text.lower().replace("\u2019", "'")))
+
+
 def blind_claim_stats(texts: Sequence[str], correct: Sequence[float], pattern: re.Pattern) -> dict[str, float]:
     """Claim rate and accuracy with/without the claim; a side with no response has no key."""
     if not texts:
         return {}
-    flags = [bool(pattern.search(t.lower().replace("\u2019", "'"))) for t in texts]
+    flags = [has_blind_claim(t, pattern) for t in texts]
     claimed = [float(c) for c, f in zip(correct, flags) if f]
     other = [float(c) for c, f in zip(correct, flags) if not f]
     out = {"blind_claim_rate": len(claimed) / len(texts)}

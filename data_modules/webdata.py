@@ -106,6 +106,8 @@ def epoch_plan(sources: Sequence[Source], seed: int, epoch: int, shuffle: bool,
     """The epoch's global sample order as (source, shard, member) triples."""
     if len(sources) == 1 and length is None:
         return [(0, s, m) for s, m in _source_order(sources[0], seed, epoch, shuffle)]
+    if not shuffle and length is None:  # evaluation: every sample of every source once, in order
+        return [(i, s, m) for i, src in enumerate(sources) for s, m in _source_order(src, seed, epoch, False)]
     length = length or sum(src.size for src in sources)
     weights = np.array([src.weight for src in sources], dtype=float)
     picks = _rng(seed, epoch, 3).choice(len(sources), size=length, p=weights / weights.sum())

@@ -171,3 +171,24 @@ def test_seeded_sampling_is_reproducible_across_chunked_prefill(tmp_path):
     assert len(first.texts) == 256
     assert first.texts == again.texts
     assert first.texts != other.texts
+
+
+def test_eval_stage_with_vllm_engine(tiny_dirs, synth_dir, tmp_path):
+    """EvalStage samples through vLLM without loading the HF weights; nowait's bans reach the engine."""
+    import json
+
+    from lightning.pytorch import Trainer
+
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine
+    from r1v3.stages.evaluate import EvalStage
+
+    stage = EvalStage(str(tiny_dirs["internvl"]), rollout="vllm", vllm=VLLMConfig(max_model_len=512), k=2,
+                      max_new_tokens=8, thinking="nowait", output_dir=str(tmp_path), verify_workers=1)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=2)
+    trainer.validate(stage, datamodule=WebDataModule(val=str(synth_dir / "val"), val_batch_size=4), verbose=False)
+    assert isinstance(stage.engine, VLLMEngine) and stage.model is None
+    assert stage.banned and set(stage.banned) <= set(stage.engine.suppress_tokens)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["counts"]["samples"] == 16 and result["settings"]["rollout"] == "vllm"

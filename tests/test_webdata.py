@@ -192,3 +192,10 @@ def test_multi_image_samples_collate(tmp_path, internvl_processor):
     ctx = internvl_processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert int((batch["inputs"]["input_ids"] == ctx).sum()) == 2 * 16
     assert torch.equal(batch["position"], torch.tensor([0, 0]))
+
+
+def test_several_evaluation_sources_are_read_once_each_in_order(synth_dir):
+    sources = webdata.load_sources([str(synth_dir / "val"), str(synth_dir / "ood")])
+    plan = webdata.epoch_plan(sources, seed=0, epoch=0, shuffle=False)
+    assert len(plan) == len(set(plan)) == sources[0].size + sources[1].size
+    assert [src for src, _, _ in plan] == [0] * sources[0].size + [1] * sources[1].size
