@@ -11,6 +11,7 @@ TOOLS = {
     "synth": ("r1v3.data_modules.synthetic", "synth_main", "render the synthetic visual-math shards"),
     "shards": ("r1v3.data_modules.shards", "shards_main", "convert JSONL/MMMU/geometry3k records to shards"),
     "demo": ("r1v3.demo", "demo_main", "the embedded CPU demo: tiny model, synthetic data, SFT + control, GRPO"),
+    "ablate": ("r1v3.ablations", "ablate_main", "the paper's ablations in miniature, with verdicts"),
     "rejection-sample": ("r1v3.rejection", "rejection_main", "build SFT shards from verified samples of a model"),
     "report": ("r1v3.report", "report_main", "plot a run's curves (PNG) and write a markdown summary"),
 }
@@ -85,10 +86,11 @@ def _user_error(err: BaseException) -> BaseException | None:
     instantiating the config's classes, so follow the cause chain."""
     from r1v3.backbone import BackboneError
     from r1v3.data_modules.collate import PromptTooLongError
+    from r1v3.stages.base import NonFiniteError
 
     seen = 0
     while err is not None and seen < 10:
-        if isinstance(err, (BackboneError, PromptTooLongError, FileNotFoundError)):
+        if isinstance(err, (BackboneError, PromptTooLongError, NonFiniteError, FileNotFoundError)):
             return err
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None

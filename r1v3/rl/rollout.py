@@ -31,6 +31,11 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)
 
 
+# Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets
+# them load with torch.load(weights_only=True), the default since torch 2.6.
+torch.serialization.add_safe_globals([SamplingConfig])
+
+
 @dataclass
 class Prompt:
     text: str  # rendered in the chat template, ending with the assistant header
@@ -110,6 +115,10 @@ class HFGenerateEngine:
                       return_dict_in_generate=True, output_logits=True)
         if self.suppress_tokens:
             kwargs["suppress_tokens"] = self.suppress_tokens
+        from r1v3.fsdp import synced_generate
+
+        if synced_generate(self.model):  # every decoding step of a sharded model is a collective
+            kwargs["synced_gpus"] = True
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         if sampling.stop:

@@ -52,6 +52,11 @@ class VLLMConfig:
     max_images_per_prompt: int = 1
 
 
+# Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets
+# them load with torch.load(weights_only=True), the default since torch 2.6.
+torch.serialization.add_safe_globals([VLLMConfig])
+
+
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401

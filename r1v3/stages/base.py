@@ -4,17 +4,22 @@ log-probs, greedy generation, skip accounting and HF export."""
 from __future__ import annotations
 
 import logging
+import os
+import random
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from r1v3 import backbone as bb
+from r1v3 import fsdp
 from r1v3.logprobs import gather_logprobs
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,33 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.03
     schedule: Literal["cosine", "constant"] = "cosine"
+
+
+# Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets
+# them load with torch.load(weights_only=True), the default since torch 2.6.
+torch.serialization.add_safe_globals([OptimizerConfig])
+
+
+class NonFiniteError(ValueError):
+    """Training diverged: too many consecutive updates had a NaN/inf loss or gradient."""
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch CPU RNG states, as types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class R1V3Module(LightningModule):
@@ -75,8 +107,10 @@ class R1V3Module(LightningModule):
 
     # -- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is not None:
+        if self.model is not None:  # built before fit (tests, demo): the strategy may still shard it
+            fsdp.configure_sharding(self)
             return
+        fsdp.check_strategy(self._trainer.strategy if self._trainer else None)  # before a long load
         hp = self.hparams
         self.backbone = bb.load_backbone(
             self.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
@@ -93,6 +127,7 @@ class R1V3Module(LightningModule):
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.model.config.use_cache = False
+        fsdp.configure_sharding(self)  # FSDP2 when the trainer's strategy is a ModelParallelStrategy
 
     @property
     def tokenizer(self):
@@ -115,6 +150,8 @@ class R1V3Module(LightningModule):
         was_training = self.model.training
         self.model.eval()
         sampling.setdefault("do_sample", False)
+        if fsdp.synced_generate(self.model):  # every decoding step of a sharded model is a collective
+            sampling.setdefault("synced_gpus", True)
         out = self.model.generate(**prompt, **images, max_new_tokens=max_new_tokens or self.max_new_tokens,
                                   pad_token_id=self.tokenizer.pad_token_id,
                                   eos_token_id=self.tokenizer.eos_token_id, **sampling)
@@ -139,6 +176,78 @@ class R1V3Module(LightningModule):
     @property
     def skipped(self) -> dict:
         return dict(self._skipped)
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank. Sharded forwards and backwards are collectives,
+        so a rank may only skip a step if all ranks skip it; otherwise the others wait forever."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=True))
+
+    # -- non-finite guard ------------------------------------------------------------------------
+    max_nonfinite_in_a_row = 5  # then training stops: the run has diverged, not hit a bad batch
+
+    def skip_nonfinite(self, what: str) -> None:
+        """Count an update skipped for a non-finite loss or gradient; raise after too many in a row."""
+        self._nonfinite_total = getattr(self, "_nonfinite_total", 0) + 1
+        self._nonfinite_run = getattr(self, "_nonfinite_run", 0) + 1
+        rank_zero_warn(f"[r1v3] step {self.global_step}: non-finite {what}, update skipped "
+                       f"({self._nonfinite_run} in a row, {self._nonfinite_total} in all)")
+        self.log("alarm/nonfinite", 1.0)
+        self.log("train/nonfinite_skipped", float(self._nonfinite_total))
+        if self._nonfinite_run >= self.max_nonfinite_in_a_row:
+            raise NonFiniteError(f"{self._nonfinite_run} updates in a row had a non-finite {what} (step "
+                                 f"{self.global_step}); the run has diverged: lower the learning rate or resume "
+                                 "from an earlier checkpoint")
+
+    def gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Automatic optimization (SFT): with every gradient set to None, torch optimizers leave the
+        # parameters and their moment estimates untouched, which is a skipped update.
+        if self.automatic_optimization and any(p.grad is not None for p in self.model.parameters()):
+            # (no gradient at all: training_step skipped this batch and has counted it already)
+            if self.gradients_finite():
+                self._nonfinite_run = 0
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                self.skip_nonfinite("gradient")
+
+    # -- exact resume --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning restores weights, optimizer, scheduler, loops and the data position (the data
+        # module's state_dict), but not the RNG streams: sampling, dropout and shuffles after a
+        # resume must draw what the uninterrupted run would have drawn.
+        state = rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()  # each rank draws its own stream
+            torch.distributed.all_gather_object(states, state)
+            state = {"per_rank": states}
+        checkpoint["r1v3_rng"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("r1v3_rng")
+        if state and "per_rank" in state:
+            ranks = state["per_rank"]  # a resume on another world size keeps rank 0's stream for all
+            state = ranks[self.global_rank] if self.global_rank < len(ranks) else ranks[0]
+        self._rng_to_restore = state
+
+    def on_train_start(self) -> None:
+        # Restored here rather than at load time: fit set-up between loading and the first step
+        # (dataloader workers, the rollout engine) may still consume random numbers.
+        state = getattr(self, "_rng_to_restore", None)
+        if state is not None:
+            set_rng_state(state)
+            self._rng_to_restore = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Test hook for crash-resume tests: die like a preempted node, right after step k's
+        # checkpoint callbacks have run (callbacks' hooks run before the module's).
+        kill_at = os.environ.get("R1V3_KILL_AT_STEP")
+        if kill_at and self.global_step == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- throughput ------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -174,10 +283,12 @@ class R1V3Module(LightningModule):
     def export_hf(self, out: str | Path) -> Path:
         """Save model + processor in HF format, loadable by the next stage or plain transformers."""
         out = Path(out)
+        if fsdp.is_sharded(self.model):  # a collective: every rank gathers, rank 0 writes
+            return fsdp.export_sharded(self, out)
         self.model.save_pretrained(out)
         self.processor.save_pretrained(out)
         return out
 
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
+        if self.export_dir and (self.trainer.is_global_zero or fsdp.is_sharded(self.model)):
             rank_zero_info(f"[r1v3] exported HF checkpoint to {self.export_hf(self.export_dir)}")

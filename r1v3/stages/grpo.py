@@ -20,6 +20,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from r1v3 import backbone as bb
+from r1v3 import fsdp
 from r1v3.data_modules.collate import VLMCollator, append_targets
 from r1v3.logprobs import gather_logprobs
 from r1v3.rewards import load_reward
@@ -108,6 +109,8 @@ class GRPOStage(R1V3Module):
                 ``val/accuracy_greedy`` is reported beside it.
             rollout_seed: Base of the per-rank, per-step sampling seeds.
         """
+        if sampling.n < 2:  # one sample per prompt has no group to be better or worse than
+            raise bb.BackboneError(f"sampling.n (the group size G) must be at least 2 for GRPO, got {sampling.n}")
         if rollout == "vllm" and not vllm_available():
             raise bb.BackboneError(f"rollout: vllm - {INSTALL_HINT}")
         super().__init__(model_path, trainable, optimizer, dtype, attn_implementation, trust_remote_code,
@@ -135,6 +138,9 @@ class GRPOStage(R1V3Module):
 
     def configure_model(self) -> None:
         super().configure_model()
+        if self.hparams.rollout == "vllm" and fsdp.is_sharded(self.model):
+            raise bb.BackboneError("rollout: vllm cannot sync FSDP-sharded weights yet (each rank holds only "
+                                   "shards); use rollout: hf with FSDP2, or vLLM without sharding")
         if self.hparams.kl_coef > 0:
             self.reference_model()
         if self.engine is None:
@@ -150,7 +156,8 @@ class GRPOStage(R1V3Module):
 
     def reference_model(self, device: str | None = None) -> torch.nn.Module:
         """The frozen initial policy (``model_path``), loaded on first use: for the KL loss, or on
-        the CPU for a KL monitor when the loss has none."""
+        the CPU for a KL monitor when the loss has none. Never sharded: under FSDP each rank holds
+        a full copy, and its forwards involve no collectives (so ranks may run different numbers)."""
         if self.reference is None:
             ref = bb.load_backbone(self.model_path, dtype=self.hparams.dtype, device=device or str(self.device),
                                    trust_remote_code=self.hparams.trust_remote_code, groups=self.hparams.groups)
@@ -160,7 +167,7 @@ class GRPOStage(R1V3Module):
     # -- one GRPO step ---------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
         self.count_skips(batch)
-        if batch.get("inputs") is None:
+        if not self.all_ranks(batch.get("inputs") is not None):  # sharded generation is collective too
             return None
         hp, meta, G = self.hparams, batch["meta"], self.sampling.n
         prompts = [Prompt(t, imgs) for t, imgs in zip(meta["prompt_text"], meta["pil_images"])]
@@ -192,7 +199,9 @@ class GRPOStage(R1V3Module):
             rows = rows[~flat.repeat_interleave(G)]
 
         t1 = time.perf_counter()
-        update_stats = self.update(prompts, rollouts, advantages, loss_mask, ref_logp, rows) if len(rows) else {}
+        # Sharded: a rank whose rows dynamic sampling dropped still joins the others' updates.
+        any_rows = fsdp.max_over_ranks(len(rows), self.model, self.device)
+        update_stats = self.update(prompts, rollouts, advantages, loss_mask, ref_logp, rows) if any_rows else {}
         t_update = time.perf_counter() - t1
         sync = self.engine.sync_weights(self.model, self.trainable)
 
@@ -246,20 +255,28 @@ class GRPOStage(R1V3Module):
         t0 = time.perf_counter()
         if hp.num_iterations * hp.mini_batches > 1:  # off-policy updates need π_old fixed up front
             with torch.no_grad():
-                old_logp = torch.cat([self.policy_logprobs(prompts, rollouts, micro, with_grad=False,
-                                                           with_entropy=False)[0]
-                                      for micro in self.micro_batches(prompts, rollouts, rows)])
+                parts = [(self.policy_logprobs(prompts, rollouts, micro, with_grad=False,
+                                               with_entropy=False)[0], real)
+                         for micro, real in self.synced_micro_batches(prompts, rollouts, rows)]
+                old_logp = torch.cat([p for p, real in parts if real] or [rollouts.logprobs[:0]])
         t_old = time.perf_counter() - t0
         stats: dict[str, list] = {}
-        first_update = True
+        first_update, padded = True, 0
         for _ in range(hp.num_iterations):
-            for mb in rows.chunk(hp.mini_batches):
+            chunks = list(rows.chunk(hp.mini_batches)) if len(rows) else []
+            if fsdp.is_sharded(self.model):  # every rank steps the optimizer equally often
+                chunks += [rows[:0]] * (hp.mini_batches - len(chunks))
+            for mb in chunks:
                 opt.zero_grad()
                 mb_seqs, mb_tokens = len(mb), float(loss_mask[mb].sum())
-                for micro in self.micro_batches(prompts, rollouts, mb):
+                for micro, real in self.synced_micro_batches(prompts, rollouts, mb):
                     t0 = time.perf_counter()
                     logp, entropy = self.policy_logprobs(prompts, rollouts, micro, with_grad=True)
                     t_forward += time.perf_counter() - t0
+                    if not real:  # zero weight: its backward only joins the other ranks' collectives
+                        self.manual_backward(logp.sum() * 0.0)
+                        padded += 1
+                        continue
                     mask = loss_mask[micro]
                     old = old_logp[torch.searchsorted(rows, micro)] if old_logp is not None else logp.detach()
                     loss, st = policy_loss(logp, old, advantages[micro], mask, hp.clip_eps_low,
@@ -279,6 +296,11 @@ class GRPOStage(R1V3Module):
                     st["loss"] = loss.detach()
                     for k, v in st.items():
                         stats.setdefault(k, []).append(float(v))
+                if not self.gradients_finite():  # a NaN/inf loss or gradient: skip this update
+                    opt.zero_grad(set_to_none=True)
+                    self.skip_nonfinite("gradient")
+                    continue
+                self._nonfinite_run = 0
                 if hp.max_grad_norm > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         [p for p in self.model.parameters() if p.requires_grad], hp.max_grad_norm)
@@ -288,7 +310,17 @@ class GRPOStage(R1V3Module):
                 first_update = False
         stats["lr"] = [opt.param_groups[0]["lr"]]
         out = {k: sum(v) / len(v) for k, v in stats.items()}
-        return out | {"old_logprob_s": t_old, "forward_s": t_forward, "backward_s": t_backward}
+        return out | {"old_logprob_s": t_old, "forward_s": t_forward, "backward_s": t_backward,
+                      "padded_micro_batches": padded}
+
+    def synced_micro_batches(self, prompts, rollouts: Rollouts, rows: torch.Tensor,
+                             model: torch.nn.Module | None = None) -> list[tuple[torch.Tensor, bool]]:
+        """``micro_batches`` as (rows, real) pairs. When the model is sharded, each forward/backward
+        is a collective, so a rank short of micro-batches pads with passes over one row (real=False)
+        until it runs as many as the busiest rank."""
+        micros = [(m, True) for m in self.micro_batches(prompts, rollouts, rows)]
+        n = fsdp.max_over_ranks(len(micros), model or self.model, self.device)
+        return micros + [(torch.tensor([0]), False)] * (n - len(micros))
 
     def micro_batches(self, prompts, rollouts: Rollouts, rows: torch.Tensor):
         """Cut ``rows`` into runs whose (prompt + completion) tokens fit the budget."""
@@ -350,8 +382,9 @@ class GRPOStage(R1V3Module):
         """Entropy [N, T] of the current policy's distribution at each completion token (the
         logits that produced it, at the sampling temperature), and the vocabulary size."""
         rows = torch.arange(rollouts.completion_ids.shape[0])
-        parts = [self.policy_logprobs(prompts, rollouts, micro, False)[1]
-                 for micro in self.micro_batches(prompts, rollouts, rows)]
+        parts = [(self.policy_logprobs(prompts, rollouts, micro, False)[1], real)
+                 for micro, real in self.synced_micro_batches(prompts, rollouts, rows)]
+        parts = [entropy for entropy, real in parts if real]
         return torch.cat(parts), self.model.get_output_embeddings().weight.shape[0]
 
     # -- validation: greedy answers through the same engine --------------------------------------

@@ -63,9 +63,14 @@ class SFTStage(R1V3Module):
 
     def training_step(self, batch: dict, batch_idx: int):
         self.count_skips(batch)
-        if batch.get("inputs") is None:  # every sample of this batch was bad
+        # Returning None makes Lightning skip backward and the step; all ranks decide together.
+        if not self.all_ranks(batch.get("inputs") is not None):  # every sample of a batch was bad
             return None
         loss = self.supervised_loss(batch)
+        if not self.all_ranks(bool(torch.isfinite(loss))):
+            if not torch.isfinite(loss):
+                self.skip_nonfinite("loss")
+            return None
         n = batch["inputs"]["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)

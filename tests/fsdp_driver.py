@@ -1,0 +1,120 @@
+"""One r1v3 fit under a chosen strategy, for tests/test_fsdp.py (run as a subprocess).
+
+    python tests/fsdp_driver.py SPEC.json
+
+Lightning's launcher starts the other ranks by re-running this command line. Every rank writes
+``<out>/rank<r>.json``: per-step losses and label-token counts, parameter types, shard sizes,
+optimizer updates and micro-batch padding; rank 0 also saves the gathered full weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+
+def length_reward(items):
+    """GRPO test reward. On rank 1 every group is flat (all 0), so dynamic sampling drops all its
+    rows while rank 0 keeps its own: the ranks then hold different numbers of micro-batches."""
+    if os.environ.get("LOCAL_RANK", "0") == "1":
+        return [{"reward": 0.0, "accuracy": 0.0, "format": 0.0} for _ in items]
+    return [{"reward": min(len(it["response"]) / 50.0, 1.0), "accuracy": 0.0, "format": 0.0} for it in items]
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.steps: list[dict] = []
+        self.param_types: list[str] = []
+        self.local_numel = self.full_numel = 0
+        self.local_bytes = 0
+
+    def on_train_start(self, trainer, module):
+        params = list(module.model.parameters())
+        self.param_types = sorted({type(p).__name__ for p in params})
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        self.local_numel = sum(t.numel() for t in local)
+        self.local_bytes = sum(t.numel() * t.element_size() for t in local)
+        self.full_numel = sum(p.numel() for p in params)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        row = {"global_step": trainer.global_step}
+        if isinstance(outputs, dict) and "loss" in outputs:
+            row["loss"] = float(outputs["loss"])
+        if isinstance(batch, dict) and batch.get("labels") is not None:
+            row["tokens"] = int((batch["labels"] != -100).sum())
+        if isinstance(batch, dict) and batch.get("meta"):
+            row["ids"] = list(batch["meta"].get("id", []))
+        for key in ("train/padded_micro_batches", "train/micro_batches"):
+            if key in trainer.callback_metrics:
+                row[key.split("/")[1]] = float(trainer.callback_metrics[key])
+        self.steps.append(row)
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    from r1v3 import fsdp
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.stages.base import OptimizerConfig
+
+    torch.manual_seed(0)
+    optimizer = OptimizerConfig(lr=spec.get("lr", 1e-3), warmup_ratio=0.0, schedule="constant")
+    common = dict(trainable=spec.get("trainable", ["vision", "connector", "llm"]), optimizer=optimizer,
+                  export_dir=spec.get("export_dir"), dtype=spec.get("dtype", "float32"))
+    if spec["stage"] == "grpo":
+        from r1v3.rl.rollout import SamplingConfig
+        from r1v3.stages.grpo import GRPOStage
+
+        stage = GRPOStage(spec["model"], sampling=SamplingConfig(n=4, max_new_tokens=8),
+                          reward_fn="fsdp_driver.length_reward", rollout_log_every=0, **common,
+                          **spec.get("grpo", {}))
+    else:
+        from r1v3.stages.sft import SFTStage
+
+        stage = SFTStage(spec["model"], val_generate=bool(spec.get("val")), max_new_tokens=8, **common)
+
+    if spec.get("preconfigure"):  # built before the trainer exists, as tests and the demo do
+        stage.configure_model()
+    kind = spec.get("strategy", "none")
+    if kind == "fsdp2":
+        strategy = fsdp.FSDP2Strategy(**spec.get("strategy_args", {}))
+    elif kind == "fsdp1":
+        strategy = fsdp.FSDP1Strategy()
+    else:
+        strategy = "auto"
+    callbacks = [recorder := Recorder()]
+    if spec.get("ckpt_dir"):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=spec["ckpt_dir"], save_last=True, every_n_train_steps=1,
+                                         save_top_k=-1))
+    trainer = Trainer(accelerator="cpu", devices=spec.get("devices", 1), strategy=strategy,
+                      max_steps=spec["max_steps"], logger=False, enable_checkpointing=bool(spec.get("ckpt_dir")),
+                      callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=1 if spec.get("val") else 0, val_check_interval=spec.get("val_every"),
+                      check_val_every_n_epoch=None if spec.get("val_every") else 1,
+                      num_sanity_val_steps=0, log_every_n_steps=1)
+    data = WebDataModule(train=spec["train"], val=spec.get("val"), batch_size=spec["batch_size"],
+                         seed=spec.get("data_seed", 0))
+    trainer.fit(stage, datamodule=data, ckpt_path=spec.get("ckpt_path"))
+
+    out = Path(spec["out"])
+    rank = trainer.global_rank
+    if spec.get("gather"):
+        state = fsdp.full_state_dict(stage.model) if fsdp.is_sharded(stage.model) else stage.model.state_dict()
+        if rank == 0:
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, out / "gathered.pt")
+    record = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
+              "steps": recorder.steps, "param_types": recorder.param_types,
+              "local_numel": recorder.local_numel, "full_numel": recorder.full_numel,
+              "local_bytes": recorder.local_bytes, "sharded": fsdp.is_sharded(stage.model),
+              "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}
+    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
