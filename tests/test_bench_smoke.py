@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,33 @@ def test_grpo_step_smoke(tmp_path):
     assert result["group_size"] == 2 and result["steps_timed"] == 1
     for key in ("step_s_median", "rollout_s_median", "forward_s_median", "rollout_tokens_per_s_median"):
         assert result[key] > 0, key
+
+
+def _compare_trl(tmp_path, side: str) -> dict:
+    # One step, no warm-up: a smoke run checks the figures are produced, not their values.
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "compare_trl.py"), "--families", "internvl",
+                          "--sides", side, "--size", "tiny", "--steps", "1", "--warmup", "0", "--prompts", "2",
+                          "--group-size", "2", "--max-new-tokens", "8", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["side"] == side and result["family"] == "internvl" and result["steps_timed"] == 1
+    assert result["tokens_per_step"] == 2 * 2 * 8  # EOS is never sampled: equal work on every side
+    assert result["step_s_median"] > 0 and result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 100
+    for key in ("rollout_s", "reward_s", "forward_s", "backward_s", "other_s"):
+        assert key in result["phases_median"], key
+    assert result["checks"]["gradient_checkpointing"] is False
+    assert {"reward_group_std", "prompts_digest", "tokens_per_s_over_trl"} <= result.keys()
+    return result
+
+
+def test_compare_trl_smoke_r1v3_hf(tmp_path):
+    result = _compare_trl(tmp_path, "r1v3-hf")
+    assert result["tokens_per_s_over_trl"] is None  # no TRL side in this run
+
+
+def test_compare_trl_smoke_trl(tmp_path):
+    pytest.importorskip("trl", reason="TRL is the benchmark-only extra r1v3[bench]; bench/compare_trl.py "
+                                      "says how to install it in its own venv")
+    result = _compare_trl(tmp_path, "trl")
+    assert result["checks"]["old_logprob_pass"] is False and result["tokens_per_s_over_trl"] == 1.0
