@@ -5,6 +5,17 @@ weights are pushed in (``collective_rpc("reload_weights")``, bucketed by transfo
 the groups that train), then the prefix and encoder caches are reset. On CPU the settings of
 ../shared/VLLM_CPU.md are applied automatically (in-process engine core, float32, eager, a small
 KV cache). On GPU the engine sleeps during updates and wakes for rollouts.
+
+Under a torch.distributed process group (Lightning's, e.g. FSDP2 on CPU over gloo) every rank runs
+its own engine on its own rollouts. vLLM (0.32, ``init_distributed_environment``) does not start a
+group of its own when one is initialised: it builds its world group over the trainer's ranks, and
+its tensor/pipeline groups with ``new_group``. So construction is collective (every rank builds its
+engine at the same point: GRPOStage.configure_model), and environment variables (RANK, MASTER_PORT,
+…) are never read on this path, so clearing them would change nothing. With tensor_parallel_size=1
+every vLLM model-parallel group holds one rank, so generation and weight reloads exchange nothing
+between ranks (measured: ranks generating different numbers of prompts and tokens did not block).
+vLLM's shutdown destroys the default process group, so an engine must live as long as the run.
+A private group would mean swapping torch's global default group while vLLM starts, not attempted.
 """
 
 from __future__ import annotations
@@ -141,6 +152,8 @@ class VLLMEngine:
             return {}
         started = time.perf_counter()
         pushed = 0
+        # Sharded (DTensor) parameters are gathered whole inside trainable_state: a collective per
+        # tensor, so every rank must call this in the same order (the stage does, after each update).
         state = trainable_state(model, self.group_of or (lambda n: None), groups, self.rename)
         for bucket in bucketize(state, self.config.bucket_mb << 20):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})

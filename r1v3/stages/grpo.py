@@ -138,14 +138,17 @@ class GRPOStage(R1V3Module):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.hparams.rollout == "vllm" and fsdp.is_sharded(self.model):
-            raise bb.BackboneError("rollout: vllm cannot sync FSDP-sharded weights yet (each rank holds only "
-                                   "shards); use rollout: hf with FSDP2, or vLLM without sharding")
         if self.hparams.kl_coef > 0:
             self.reference_model()
-        if self.engine is None:
+        # Built before fit (tests, demo), the vLLM engine waits for the trainer's call: started
+        # outside a process group, vLLM initialises a default group of its own (world size 1) and a
+        # sharded strategy's launch would then find one already there and skip its own.
+        if self.engine is None and not (self.hparams.rollout == "vllm" and self._trainer is None):
             suppress = bb.multimodal_token_ids(self.processor)
             if self.hparams.rollout == "vllm":
+                # Sharded or not, every rank builds its own engine here, at the same point (under
+                # a process group its construction is collective: see VLLMEngine), and
+                # sync_weights gathers each full tensor on all ranks before pushing it.
                 from r1v3.rl.vllm_engine import VLLMEngine, vllm_name_mapper
 
                 self.engine = VLLMEngine(self.model_path, self.vllm_config, seed=self.hparams.rollout_seed,
