@@ -84,7 +84,6 @@ class KLMonitor(Callback):
         step = trainer.global_step
         self.events.append((step, name, why))
         rank_zero_warn(f"[r1v3] KL monitor at step {step}: {name} ({why}); action: {self.action}")
-        pl_module.log(f"alarm/{name}", 1.0)
         if self.action == "stop":
             trainer.should_stop = True
 
@@ -111,3 +110,10 @@ class KLMonitor(Callback):
             pl_module.log("kl/policy_drift", drift)
             self._check(trainer, pl_module, "policy_drift", drift, self.max_policy_drift,
                         f"KL(π_old‖π) between updates {drift:.4g} > {self.max_policy_drift}")
+        # 1 where an alarm fired, 0 at every other measurement: Lightning keeps re-reporting the
+        # last value of a step metric, so a lone 1 would repeat at later logging steps.
+        fired = {name for step, name, _ in self.events if step == trainer.global_step}
+        for name, limit in (("kl", self.max_kl), ("logprob_gap", self.max_logprob_gap),
+                            ("policy_drift", self.max_policy_drift)):
+            if limit is not None:
+                pl_module.log(f"alarm/{name}", float(name in fired))

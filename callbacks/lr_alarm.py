@@ -28,6 +28,9 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
     return sum(rates) / len(rates) if rates else 0.0
 
 
+SIGNALS = ("entropy_surge", "entropy_collapse", "grad_spike", "reward_collapse", "repetition")
+
+
 class LRInstabilityAlarm(Callback):
     def __init__(self, window: int = 20, min_history: int = 5, entropy_surge: float = 2.0,
                  entropy_collapse: float = 0.25, grad_spike: float = 5.0, reward_drop: float = 0.5,
@@ -90,9 +93,13 @@ class LRInstabilityAlarm(Callback):
                    (("entropy", "entropy"), ("grad_norm", "grad_norm"), ("reward", "reward_mean")) if f"train/{src}" in m}
         rollouts = getattr(pl_module, "last_rollouts", None)
         texts = rollouts[1].texts if rollouts else None
-        for name, why in self.check(trainer.global_step, metrics, texts):
+        fired = self.check(trainer.global_step, metrics, texts)
+        # 1 where a signal fired, 0 otherwise: Lightning re-reports a step metric's last value at
+        # later logging steps, so a lone 1 would look like a run of alarms.
+        for name in SIGNALS:
+            pl_module.log(f"alarm/{name}", float(any(n == name for n, _ in fired)))
+        for name, why in fired:
             rank_zero_warn(f"[r1v3] LR instability at step {trainer.global_step}: {name} ({why}); action: {self.action}")
-            pl_module.log(f"alarm/{name}", 1.0)
             if self.action == "reduce_lr":
                 for optimizer in trainer.optimizers:
                     for group in optimizer.param_groups:

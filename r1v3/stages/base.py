@@ -200,6 +200,11 @@ class R1V3Module(LightningModule):
                                  f"{self.global_step}); the run has diverged: lower the learning rate or resume "
                                  "from an earlier checkpoint")
 
+    def finite_update(self) -> None:
+        self._nonfinite_run = 0
+        if getattr(self, "_nonfinite_total", 0):  # 0 between alarms: a step metric's last value repeats
+            self.log("alarm/nonfinite", 0.0)
+
     def gradients_finite(self) -> bool:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
@@ -210,7 +215,7 @@ class R1V3Module(LightningModule):
         if self.automatic_optimization and any(p.grad is not None for p in self.model.parameters()):
             # (no gradient at all: training_step skipped this batch and has counted it already)
             if self.gradients_finite():
-                self._nonfinite_run = 0
+                self.finite_update()
             else:
                 optimizer.zero_grad(set_to_none=True)
                 self.skip_nonfinite("gradient")

@@ -303,7 +303,7 @@ class GRPOStage(R1V3Module):
                     opt.zero_grad(set_to_none=True)
                     self.skip_nonfinite("gradient")
                     continue
-                self._nonfinite_run = 0
+                self.finite_update()
                 if hp.max_grad_norm > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         [p for p in self.model.parameters() if p.requires_grad], hp.max_grad_norm)
