@@ -35,3 +35,14 @@ def internvl_processor(tiny_dirs):
     from r1v3.backbone import load_processor
 
     return load_processor(tiny_dirs["internvl"])
+
+
+@pytest.fixture(scope="module")
+def need_vllm():
+    """Skips a vLLM-tier module when vLLM does not import, or fails it under R1V3_REQUIRE_VLLM=1."""
+    from r1v3.rl.vllm_engine import vllm_available
+
+    if not vllm_available():
+        if os.environ.get("R1V3_REQUIRE_VLLM") == "1":
+            pytest.fail("R1V3_REQUIRE_VLLM=1 but vLLM does not import (run `bash .ci/setup_vllm.sh`)")
+        pytest.skip("vLLM is not installed (the vLLM tier runs in the venv of .ci/setup_vllm.sh)")

@@ -4,24 +4,14 @@ Runs in the environment `.ci/setup_vllm.sh` builds. Without vLLM these tests ski
 R1V3_REQUIRE_VLLM=1 (set by .ci/run), which turns a missing or broken vLLM into a failure.
 """
 
-import os
 
 import pytest
 import torch
 
-from r1v3.rl.vllm_engine import vllm_available
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("need_vllm")]
 
 FAMILIES = ("internvl", "qwen2_5_vl", "llava")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def need_vllm():
-    if not vllm_available():
-        if os.environ.get("R1V3_REQUIRE_VLLM") == "1":
-            pytest.fail("R1V3_REQUIRE_VLLM=1 but vLLM does not import (run `bash .ci/setup_vllm.sh`)")
-        pytest.skip("vLLM is not installed (the vLLM tier runs in the venv of .ci/setup_vllm.sh)")
 
 
 def prompts_for(processor, n=2):

@@ -8,26 +8,16 @@ subprocess (tests/vllm_fsdp_driver.py) that Lightning's launcher forks into its 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from r1v3.rl.vllm_engine import vllm_available
 from test_fsdp import run_subprocess
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("need_vllm")]
 
 DRIVER = Path(__file__).with_name("vllm_fsdp_driver.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def need_vllm():
-    if not vllm_available():
-        if os.environ.get("R1V3_REQUIRE_VLLM") == "1":
-            pytest.fail("R1V3_REQUIRE_VLLM=1 but vLLM does not import (run `bash .ci/setup_vllm.sh`)")
-        pytest.skip("vLLM is not installed (the vLLM tier runs in the venv of .ci/setup_vllm.sh)")
 
 
 @pytest.mark.parametrize("preconfigure", [False, True], ids=["built-in-fit", "built-before-fit"])
