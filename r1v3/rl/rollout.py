@@ -11,6 +11,8 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from r1v3.rl import prefix
+
 
 @dataclass
 class SamplingConfig:
@@ -92,9 +94,8 @@ class HFGenerateEngine:
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None) -> Rollouts:
         if seed is not None:
             torch.manual_seed(seed)
-        rows = [p for p in prompts for _ in range(sampling.n)]
-        parts = [self._generate_rows(rows[i:i + self.max_batch_rows], sampling)
-                 for i in range(0, len(rows), self.max_batch_rows)]
+        per_call = max(1, self.max_batch_rows // sampling.n)
+        parts = [self._generate_rows(prompts[i:i + per_call], sampling) for i in range(0, len(prompts), per_call)]
         width = max(p[0].shape[1] for p in parts)
         ids = torch.cat([_pad_right(p[0], width, self.tokenizer.pad_token_id) for p in parts])
         mask = torch.cat([_pad_right(p[1], width, 0) for p in parts])
@@ -104,11 +105,15 @@ class HFGenerateEngine:
                                             skip_special_tokens=True)
         return Rollouts(ids, mask, logprobs, texts, reasons, sampling.n)
 
-    def _generate_rows(self, rows: Sequence[Prompt], sampling: SamplingConfig):
-        tokens, images = self.encoder.encode_prompts([p.text for p in rows], [p.images for p in rows])
+    def _generate_rows(self, prompts: Sequence[Prompt], sampling: SamplingConfig):
+        """``sampling.n`` completions of each prompt. The prompts (all but their last token) are
+        prefilled once and the cache is repeated n times, so the images and prompt tokens of a group
+        are encoded once instead of n times (``r1v3.rl.prefix``)."""
+        tokens, images = self.encoder.encode_prompts([p.text for p in prompts], [p.images for p in prompts])
         device = next(self.model.parameters()).device
         tokens = {k: v.to(device) for k, v in tokens.items()}
         images = {k: v.to(device) for k, v in images.items()}
+        index = torch.arange(len(prompts), device=device).repeat_interleave(sampling.n)
         greedy = sampling.temperature <= 0
         kwargs = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
@@ -126,7 +131,15 @@ class HFGenerateEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(**tokens, **images, **kwargs)
+            # The last prompt token stays uncached: generate's first step runs it and samples token 0.
+            cache, _, following = prefix.prefill(self.model, {k: v[:, :-1] for k, v in tokens.items()}, images)
+            cache.batch_select_indices(index)
+            inner = getattr(self.model, "model", None)
+            if hasattr(inner, "rope_deltas"):  # multimodal RoPE: generate continues from these offsets
+                inner.rope_deltas = (following - tokens["attention_mask"][:, :-1].sum(1))[index, None]
+            out = self.model.generate(input_ids=tokens["input_ids"][index],
+                                      attention_mask=tokens["attention_mask"][index], past_key_values=cache,
+                                      **kwargs)
         finally:
             self.model.train(was_training)
         completion = out.sequences[:, tokens["input_ids"].shape[1]:].cpu()

@@ -21,9 +21,10 @@ from torchmetrics import MeanMetric
 
 from r1v3 import backbone as bb
 from r1v3 import fsdp
-from r1v3.data_modules.collate import VLMCollator, append_targets
+from r1v3.data_modules.collate import VLMCollator
 from r1v3.logprobs import gather_logprobs
 from r1v3.rewards import load_reward
+from r1v3.rl import prefix
 from r1v3.rl.advantages import group_advantages, zero_variance_groups
 from r1v3.rl.entropy import entropy_from_logits, masked_mean
 from r1v3.rl.losses import aggregate, kl_penalty, policy_loss, sequence_kl
@@ -326,8 +327,10 @@ class GRPOStage(R1V3Module):
         return micros + [(torch.tensor([0]), False)] * (n - len(micros))
 
     def micro_batches(self, prompts, rollouts: Rollouts, rows: torch.Tensor):
-        """Cut ``rows`` into runs whose (prompt + completion) tokens fit the budget."""
+        """Cut ``rows`` into runs whose tokens fit the budget: completions, plus each prompt once
+        per run when rows share their prompt's pass, else once per row."""
         budget, G = self.hparams.micro_batch_tokens, rollouts.group_size
+        share = self.shares_prompts(self.model)
         prompt_len = {}
         current, used = [], 0
         for r in rows.tolist():
@@ -335,39 +338,53 @@ class GRPOStage(R1V3Module):
             if p not in prompt_len:  # exact: image tokens depend on the processor and resolution
                 tokens, _ = self.encoder.encode_prompts([prompts[p].text], [prompts[p].images])
                 prompt_len[p] = tokens["input_ids"].shape[1]
-            cost = prompt_len[p] + int(rollouts.completion_mask[r].sum())
+            cost = int(rollouts.completion_mask[r].sum())
+            cost += 0 if share and any(q // G == p for q in current) else prompt_len[p]
             if current and used + cost > budget:
                 yield torch.tensor(current)
                 current, used = [], 0
+                cost = prompt_len[p] + int(rollouts.completion_mask[r].sum())
             current.append(r)
             used += cost
         if current:
             yield torch.tensor(current)
+
+    @staticmethod
+    def shares_prompts(model: torch.nn.Module) -> bool:
+        """Whether a group's rows can share one prompt pass: not when HF drops the cache for
+        gradient checkpointing, nor under FSDP (one forward per backward keeps its hooks simple)."""
+        return not (fsdp.is_sharded(model) or getattr(model, "is_gradient_checkpointing", False))
 
     def policy_logprobs(self, prompts, rollouts: Rollouts, rows: torch.Tensor, with_grad: bool,
                         model: torch.nn.Module | None = None, with_entropy: bool = True):
         """Per-token log-probs [len(rows), T] of the sampled completions (temperature-scaled, as
         sampled) and the full-distribution entropy at each completion position (None when
         ``with_entropy`` is off: the old-policy and reference passes never read it, and over a
-        real vocabulary it is a full softmax per position)."""
+        real vocabulary it is a full softmax per position).
+
+        A group's rows share one prompt pass (``r1v3.rl.prefix``) unless the model is sharded or
+        recomputes activations; then each row runs whole."""
+        model = model if model is not None else self.model
         G = rollouts.group_size
-        tokens, images = self.encoder.encode_prompts([prompts[r // G].text for r in rows.tolist()],
-                                                     [prompts[r // G].images for r in rows.tolist()])
-        ids = rollouts.completion_ids[rows]
-        width = ids.shape[1]
-        targets = [row[: int(n)].tolist() for row, n in zip(ids, rollouts.completion_mask[rows].sum(1))]
-        inputs, _, start = append_targets(tokens, targets, self.tokenizer.pad_token_id)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        owners = (rows // G).tolist()
+        share = self.shares_prompts(model)
+        unique = sorted(set(owners)) if share else owners
+        tokens, images = self.encoder.encode_prompts([prompts[p].text for p in unique],
+                                                     [prompts[p].images for p in unique])
+        tokens = {k: v.to(self.device) for k, v in tokens.items()}
         images = {k: v.to(self.device) for k, v in images.items()}
+        ids, mask = rollouts.completion_ids[rows].to(self.device), rollouts.completion_mask[rows].to(self.device)
         with torch.set_grad_enabled(with_grad):
-            logits = (model or self.model)(**inputs, **images, use_cache=False).logits
-            # position start+t-1 predicts completion token t
-            index = (start.to(self.device)[:, None] - 1 + torch.arange(width, device=self.device)[None])
-            index = index.clamp(max=logits.shape[1] - 1)
-            picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+            if share:
+                where = {p: i for i, p in enumerate(unique)}
+                index = torch.tensor([where[p] for p in owners], device=self.device)
+                logits = prefix.completion_logits(model, tokens, images, index, ids, mask)
+            else:
+                logits = prefix.per_row_completion_logits(model, tokens, images, ids, mask,
+                                                          self.tokenizer.pad_token_id)
             temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
-            picked = picked.float() / temperature
-            logp = gather_logprobs(picked, ids.to(self.device))
+            picked = logits.float() / temperature
+            logp = gather_logprobs(picked, ids)
             entropy = entropy_from_logits(picked.detach()).cpu() if with_entropy else None
         return logp.cpu() * rollouts.completion_mask[rows], entropy
 

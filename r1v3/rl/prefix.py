@@ -1,0 +1,76 @@
+"""Shared-prompt passes: the G completions of a GRPO group share one prompt, so its tokens and its
+images go through the model once and all G completions attend to that one KV cache.
+
+Against running each of the N = P·G (prompt + completion) rows whole, this removes (G-1)/G of the
+prompt tokens, the vision-tower passes and the image preprocessing from every rollout prefill and
+every log-prob forward/backward. It is exact, not an approximation: a causal model's prompt keys
+and values do not depend on what follows, and autograd sums the G completions' gradients into the
+one prompt pass through the cache's ``index_select``. Positions are passed explicitly so each row
+sees the positions it would have had unpadded (multimodal RoPE included), and ``tests/
+test_prefix.py`` checks log-probs and gradients against the plain per-row computation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prompt_positions(model: torch.nn.Module, tokens: dict, images: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids of left-padded prompts (as if unpadded) and each row's next position.
+
+    Models with multimodal RoPE (Qwen2-VL family: ``get_rope_index``) place image tokens on a 3-D
+    grid; text after the prompt continues from the grid's largest position, which their
+    ``rope_deltas`` give. Everything else counts real tokens.
+    """
+    mask = tokens["attention_mask"]
+    real = mask.sum(1)
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "get_rope_index"):
+        extra = {k: images[k] for k in ("image_grid_thw", "video_grid_thw") if k in images}
+        if "mm_token_type_ids" in tokens:
+            extra["mm_token_type_ids"] = tokens["mm_token_type_ids"]
+        positions, deltas = inner.get_rope_index(tokens["input_ids"], attention_mask=mask, **extra)
+        return positions, real + deltas.view(-1).to(real.device)
+    return (mask.long().cumsum(1) - 1).clamp(min=0), real
+
+
+def prefill(model: torch.nn.Module, tokens: dict, images: dict):
+    """One pass over the prompts: (KV cache, logits at each prompt's last token, next positions)."""
+    positions, following = prompt_positions(model, tokens, images)
+    out = model(**tokens, **images, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1], following
+
+
+def completion_logits(model: torch.nn.Module, tokens: dict, images: dict, prompt_index: torch.Tensor,
+                      completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Logits [N, T, V] that predicted each completion token: row i continues prompt
+    ``prompt_index[i]`` of the (left-padded) ``tokens``/``images`` batch with ``completion_ids[i]``
+    (right-padded, ``completion_mask`` 1 on real tokens)."""
+    cache, first, following = prefill(model, tokens, images)
+    cache.batch_select_indices(prompt_index)  # differentiable: gradients sum back per prompt
+    width = completion_ids.shape[1]
+    if width == 1:
+        return first[prompt_index, None]
+    # Token t is predicted at token t-1's position; the prompt's last position predicted token 0.
+    feed = completion_ids[:, :-1]
+    mask = torch.cat([tokens["attention_mask"][prompt_index], completion_mask[:, :-1].to(tokens["attention_mask"])], 1)
+    positions = following[prompt_index, None] + torch.arange(width - 1, device=feed.device)
+    out = model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    return torch.cat([first[prompt_index, None], out.logits], 1)
+
+
+def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict, completion_ids: torch.Tensor,
+                              completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """The straightforward computation ``completion_logits`` must equal: each row's prompt (row i
+    of ``tokens``/``images``) and completion run whole. Used where a cache cannot be shared: with
+    gradient checkpointing (HF drops the cache in training) and under FSDP (one forward per
+    backward keeps its hooks simple)."""
+    from r1v3.data_modules.collate import append_targets
+
+    width = completion_ids.shape[1]
+    targets = [row[: int(n)].tolist() for row, n in zip(completion_ids, completion_mask.sum(1))]
+    inputs, _, start = append_targets({k: v.cpu() for k, v in tokens.items()}, targets, pad_id)
+    device = completion_ids.device
+    logits = model(**{k: v.to(device) for k, v in inputs.items()}, **images, use_cache=False).logits
+    index = (start.to(device)[:, None] - 1 + torch.arange(width, device=device)[None]).clamp(max=logits.shape[1] - 1)
+    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
