@@ -17,8 +17,8 @@ log-prob pass), one micro-batch, group-std advantages, per-sequence token-mean l
 ``loss_type="grpo"`` = r1v3 ``seq-mean-token-mean``), clip 0.2, AdamW lr 1e-5 constant, grad clip 1,
 no gradient checkpointing (TRL defaults it on), no dynamic sampling, truncated completions kept,
 temperature 1, top-p 1, and one cheap reward that varies within groups (``reward_group_std``).
-``--precision bf16``: r1v3 ``bf16-mixed`` autocast, TRL ``bf16=True`` (accelerate's CPU autocast);
-vLLM stays float32 on CPU (../shared/VLLM_CPU.md).
+``--precision bf16``: r1v3 ``bf16-mixed`` autocast and a bf16 vLLM engine, TRL ``bf16=True``
+(accelerate's CPU autocast). ``--trl-precision`` sets TRL's apart, for best-against-best runs.
 
 TRL is the benchmark-only extra ``.[bench]``; the package never imports it. trl 1.16.0 installs
 beside our torch 2.13 and transformers 5.23 unchanged, but brings accelerate (which changes some
@@ -157,9 +157,11 @@ def run_r1v3(args, model_dir: Path, data_dir: Path, engine: str) -> dict:
             self.questions += batch["meta"]["question"]
 
     torch.manual_seed(0)
+    vllm_dtype = "bfloat16" if args.precision == "bf16" else "auto"
     stage = GRPOStage(str(model_dir), optimizer=OptimizerConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
                       sampling=SamplingConfig(n=args.group_size, max_new_tokens=args.max_new_tokens),
-                      rollout=engine, vllm=VLLMConfig(max_model_len=1024), reward_fn="__main__.r1v3_reward",
+                      rollout=engine, vllm=VLLMConfig(max_model_len=1024, dtype=vllm_dtype),
+                      reward_fn="__main__.r1v3_reward",
                       dynamic_sampling=False, kl_coef=0.0, gradient_checkpointing=False, rollout_log_every=0)
     timer = Timer()
     trainer = Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
@@ -169,6 +171,8 @@ def run_r1v3(args, model_dir: Path, data_dir: Path, engine: str) -> dict:
     trainer.fit(stage, datamodule=data_module(args, data_dir))
     checks = {"precision": str(trainer.precision), "dtype": str(stage.model.dtype),
               "gradient_checkpointing": stage.model.is_gradient_checkpointing}
+    if engine == "vllm":
+        checks["vllm_dtype"] = str(stage.engine.llm.llm_engine.model_config.dtype)
     return summary(args, f"r1v3-{engine}", timer.rows, timer.questions, checks)
 
 
@@ -280,6 +284,8 @@ def main(argv=None) -> None:
                           ("--max-new-tokens", 64)):
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--trl-precision", default=None, choices=("fp32", "bf16"),
+                        help="TRL's precision when it differs from r1v3's (default: --precision)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--trl-python", default=sys.executable, help="interpreter for the TRL side")
     parser.add_argument("--run-side", default=None, choices=SIDES, help=argparse.SUPPRESS)
@@ -291,6 +297,8 @@ def main(argv=None) -> None:
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-trl-")
     if args.run_side:  # child: one side, one family
         model_dir, data_dir = prepare(args, args.family)
+        if args.run_side == "trl" and args.trl_precision:
+            args.precision = args.trl_precision
         result = (run_trl(args, model_dir, data_dir) if args.run_side == "trl"
                   else run_r1v3(args, model_dir, data_dir, args.run_side.removeprefix("r1v3-")))
         print(json.dumps(result), flush=True)

@@ -1,11 +1,14 @@
-"""GRPO step cost on CPU for a tiny-model preset: prints one JSON line per group size.
+"""GRPO step cost on CPU as the work grows: one JSON line per (group size G, completion length).
 
-    python bench/grpo_step.py --size small --groups 4 8 16
+    python bench/grpo_step.py --size small --groups 4 8 16 32 --lengths 64 128 256
 
-Each group size runs in its own process (so peak RSS is per setting) for ``--steps`` rollout
-batches of ``--prompts`` prompts; the first ``--warmup`` steps are excluded from the medians.
-Breakdown: rollout (generation), reward (scoring pool), old_logprob (only off-policy), forward
-(log-probs with grad), backward, and the rest of the step (optimizer, logging).
+Each setting runs in its own process (so peak RSS is per setting) for ``--steps`` rollout batches
+of ``--prompts`` prompts; the first ``--warmup`` steps are excluded from the medians. EOS is
+suppressed, so every completion is exactly the length asked for and the tokens per step are
+prompts × G × length. Breakdown: rollout (generation), reward (scoring pool), old_logprob (only
+off-policy), forward (log-probs with grad), backward, and the rest of the step (optimizer,
+logging). ``ms_per_token`` is the step time per generated token; the last line compares the
+largest setting's with the middle ones' (the flatness target of the performance work).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def run_one(args) -> dict:
     from r1v3.data_modules.synthetic import write_synthetic
     from r1v3.data_modules.webdata import WebDataModule
     from r1v3.rl.rollout import SamplingConfig
+    from r1v3.rl.vllm_engine import VLLMConfig
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.grpo import GRPOStage
     from r1v3.tiny import build_tiny
@@ -42,6 +46,9 @@ def run_one(args) -> dict:
             m = trainer.callback_metrics
             self.rows.append({k: float(m[f"train/{k}"]) for k in KEYS if f"train/{k}" in m})
 
+        def on_fit_start(self, trainer, stage):  # fixed-length completions: equal work per setting
+            stage.engine.suppress_tokens.append(stage.tokenizer.eos_token_id)
+
     torch.manual_seed(0)
     work = Path(args.workdir)
     model_dir = work / f"{args.family}-{args.size}"
@@ -51,7 +58,8 @@ def run_one(args) -> dict:
         write_synthetic(work / "data", n_train=args.prompts * (args.steps + 2), n_val=8, n_ood=8)
     stage = GRPOStage(str(model_dir), optimizer=OptimizerConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
                       sampling=SamplingConfig(n=args.group_size, max_new_tokens=args.max_new_tokens),
-                      reward_kwargs={"num_workers": 1}, rollout_log_every=0)
+                      reward_kwargs={"num_workers": 1}, rollout_log_every=0, rollout=args.rollout,
+                      vllm=VLLMConfig(max_model_len=2048))
     collect = Collect()
     trainer = Trainer(accelerator="cpu", max_steps=args.steps, precision=args.precision, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -60,9 +68,11 @@ def run_one(args) -> dict:
                                                 max_prompt_length=4096))
     rows = collect.rows[args.warmup:]
     med = {k: round(statistics.median(r[k] for r in rows), 4) for k in KEYS if all(k in r for r in rows)}
+    tokens = args.prompts * args.group_size * args.max_new_tokens
     return {"bench": "grpo_step", "family": args.family, "size": args.size, "group_size": args.group_size,
             "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "precision": args.precision,
-            "steps_timed": len(rows), **{f"{k}_median": v for k, v in med.items()},
+            "rollout": args.rollout, "steps_timed": len(rows), "tokens_per_step": tokens,
+            "ms_per_token": round(1000 * med["step_s"] / tokens, 3), **{f"{k}_median": v for k, v in med.items()},
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -70,10 +80,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="internvl", choices=("internvl", "qwen2_5_vl", "llava"))
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
-    parser.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--group-size", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rollout", default="hf", choices=("hf", "vllm"))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", default="32-true")
@@ -83,15 +95,25 @@ def main(argv=None) -> None:
     if args.group_size is not None:
         print(json.dumps(run_one(args)))
         return
-    for g in args.groups:
-        cmd = [sys.executable, __file__, "--group-size", str(g), "--family", args.family, "--size", args.size,
-               "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
-               "--workdir", args.workdir]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"grpo_step: G={g} failed:\n{out.stderr[-3000:]}")
-        print(out.stdout.strip().splitlines()[-1], flush=True)
+    per_token = {}
+    for length in args.lengths:
+        for g in args.groups:
+            cmd = [sys.executable, __file__, "--group-size", str(g), "--family", args.family, "--size", args.size,
+                   "--prompts", str(args.prompts), "--max-new-tokens", str(length), "--rollout", args.rollout,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+                   "--workdir", args.workdir]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"grpo_step: G={g}, length {length} failed:\n{out.stderr[-3000:]}")
+            line = out.stdout.strip().splitlines()[-1]
+            per_token[(g, length)] = json.loads(line)["ms_per_token"]
+            print(line, flush=True)
+    largest = (max(args.groups), max(args.lengths))
+    middle_length = sorted(args.lengths)[(len(args.lengths) - 1) // 2]
+    ratios = {f"G{g}_len{middle_length}": round(per_token[largest] / per_token[(g, middle_length)], 3)
+              for g in args.groups if (g, middle_length) != largest}
+    print(json.dumps({"bench": "grpo_step", "largest": f"G{largest[0]}_len{largest[1]}",
+                      "largest_ms_per_token_over": ratios}), flush=True)
 
 
 if __name__ == "__main__":

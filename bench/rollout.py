@@ -3,9 +3,11 @@
     <vllm venv>/bin/python bench/rollout.py --size small --groups 4 8 16
 
 Runs in the vLLM environment (.ci/setup_vllm.sh). For each G it times one call per engine with all
-prompts × G samples (each engine batched at its best), after a warm-up call, and prints one JSON
-line: tokens/s of each engine, their ratio, and the weight-sync time (full model, bucketed) as a
-share of a GRPO step (rollout on vLLM + sync + the policy's forward and backward on the rollouts).
+prompts × G samples (each engine batched at its best: HF generate in one batch in fp32, its fastest
+precision here; vLLM in ``--vllm-dtype``, bf16 by default), after a warm-up call, and prints one
+JSON line: tokens/s of each engine, their ratio, and the weight-sync time (full model, bucketed) as
+a share of a GRPO step (rollout on vLLM + sync + the policy's forward and backward on the rollouts).
+EOS is suppressed on both engines, so both generate exactly ``--max-new-tokens`` per sample.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--vllm-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
 
@@ -45,8 +48,11 @@ def main(argv=None) -> None:
     stage = GRPOStage(str(model_dir), rollout_log_every=0)
     stage.setup("fit")
     stage.configure_model()
-    engine = VLLMEngine(str(model_dir), VLLMConfig(max_model_len=1024), rename=vllm_name_mapper(stage.backbone.family),
-                        group_of=stage.backbone.group_of, suppress_tokens=bb.multimodal_token_ids(stage.processor))
+    suppress = bb.multimodal_token_ids(stage.processor) + [stage.tokenizer.eos_token_id]  # equal work
+    stage.engine.suppress_tokens = list(suppress)
+    engine = VLLMEngine(str(model_dir), VLLMConfig(max_model_len=1024, dtype=args.vllm_dtype),
+                        rename=vllm_name_mapper(stage.backbone.family), group_of=stage.backbone.group_of,
+                        suppress_tokens=suppress)
     from r1v3.chat import render_prompt
 
     samples = list(generate(args.prompts, ("count", "add_digits"), seed=0))
@@ -76,6 +82,7 @@ def main(argv=None) -> None:
         sync_s = statistics.median(syncs)
         print(json.dumps({
             "bench": "rollout", "family": args.family, "size": args.size, "group_size": g, "prompts": args.prompts,
+            "vllm_dtype": args.vllm_dtype,
             "max_new_tokens": args.max_new_tokens,
             "hf_tokens_per_s": round(hf_tokens / hf_s, 1), "vllm_tokens_per_s": round(vllm_tokens / vllm_s, 1),
             "vllm_over_hf": round((vllm_tokens / vllm_s) / (hf_tokens / hf_s), 2),

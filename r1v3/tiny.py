@@ -8,6 +8,7 @@ Presets (per family):
 - ``tiny``  — under 1M parameters, for unit tests and the CPU demo.
 - ``small`` — the benchmark reference: text hidden 512 × 8 layers, 8 heads / 2 KV heads, a 4-layer
   vision tower, 64 image tokens per image, about 25–30M parameters.
+- ``medium`` — ``small`` scaled to about 0.56B parameters, for the memory benchmark.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Sequence
 import torch
 
 FAMILIES = ("internvl", "qwen2_5_vl", "llava")
-SIZES = ("tiny", "small")
+SIZES = ("tiny", "small", "medium")
 
 # Chat markers shared by every tiny family (ChatML, as Qwen2 and InternVL3 use).
 BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -82,6 +83,9 @@ PRESETS = {
     "tiny": Preset(128, 2, 4, 2, 256, 64, 2, 4, 128, 8, 64, 512),
     # 128 px, patch 8: 256 patches -> 64 image tokens for InternVL and Qwen2.5-VL.
     "small": Preset(512, 8, 8, 2, 1408, 256, 4, 4, 1024, 8, 128, 2048),
+    # ``small`` scaled to ~0.56B parameters (text hidden 1024 × 28 layers): the memory benchmark's
+    # model, big enough that per-parameter costs dominate fixed ones.
+    "medium": Preset(1024, 28, 16, 4, 5632, 256, 4, 4, 1024, 8, 128, 2048),
 }
 
 

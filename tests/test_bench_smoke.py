@@ -23,13 +23,16 @@ def test_sft_throughput_smoke(tmp_path):
 
 def test_grpo_step_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "grpo_step.py"), "--size", "tiny", "--groups", "2",
-                          "--steps", "2", "--warmup", "1", "--prompts", "2", "--max-new-tokens", "8",
+                          "--steps", "2", "--warmup", "1", "--prompts", "2", "--lengths", "4", "8",
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["group_size"] == 2 and result["steps_timed"] == 1
+    lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [(r["group_size"], r["max_new_tokens"]) for r in lines[:2]] == [(2, 4), (2, 8)]
+    result = lines[1]
+    assert result["steps_timed"] == 1 and result["response_len_mean_median"] == 8  # EOS suppressed
     for key in ("step_s_median", "rollout_s_median", "forward_s_median", "rollout_tokens_per_s_median"):
         assert result[key] > 0, key
+    assert lines[2]["largest"] == "G2_len8" and lines[2]["largest_ms_per_token_over"]["G2_len4"] > 0
 
 
 def _compare_trl(tmp_path, side: str) -> dict:

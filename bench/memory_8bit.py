@@ -1,0 +1,120 @@
+"""Memory of a full fine-tune with bitsandbytes AdamW8bit, per parameter, on a ≥0.5B model.
+
+    python bench/memory_8bit.py                      # fp32 and bf16 weights, each in its own process
+
+The model is the ``medium`` preset (the ``small`` family scaled to ~0.56B parameters, random
+weights). Each configuration runs the SFT stage with every module group trainable for ``--steps``
+optimizer steps on synthetic samples and reports the peak resident set during training (VmHWM,
+reset once the model is loaded) minus the process baseline (VmRSS after imports, before the model),
+per parameter, with the breakdown measured on the live objects: weights, gradients, optimizer state
+(bitsandbytes keeps 1-byte moments plus per-block scales; tensors under 4096 elements stay 32-bit),
+and the remainder (activations, allocator slack, the framework). ``peak_incl_load`` is the peak
+including model loading, for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def run_one(args) -> dict:
+    import resource
+
+    import torch
+    from lightning.pytorch import Callback, Trainer
+
+    from r1v3.data_modules.synthetic import write_synthetic
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.stages.base import OptimizerConfig
+    from r1v3.stages.sft import SFTStage
+    from r1v3.tiny import build_tiny
+
+    work = Path(args.workdir)
+    model_dir = work / f"{args.family}-{args.size}"
+    if not (model_dir / "config.json").exists():
+        build_tiny(args.family, model_dir, size=args.size)
+    if not (work / "data" / "train").exists():
+        write_synthetic(work / "data", n_train=64, n_val=4, n_ood=4)
+    torch.manual_seed(0)
+    baseline_kb = rss_kb("VmRSS")
+
+    class Measure(Callback):
+        def on_train_start(self, trainer, stage):
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: drop the loading peak
+            self.after_load_kb = rss_kb("VmRSS")
+
+        def on_before_optimizer_step(self, trainer, stage, optimizer):
+            self.grads = sum(p.grad.nbytes for p in stage.model.parameters() if p.grad is not None)
+
+        def on_train_end(self, trainer, stage):
+            self.peak_kb = rss_kb("VmHWM")
+            opt = trainer.optimizers[0]
+            self.state = sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+    dtype = "bfloat16" if args.weights == "bf16" else "float32"
+    stage = SFTStage(str(model_dir), trainable=("vision", "connector", "llm"), dtype=dtype, val_generate=False,
+                     gradient_checkpointing=args.gradient_checkpointing,
+                     optimizer=OptimizerConfig(name="adamw8bit", lr=1e-5, warmup_ratio=0.0, schedule="constant"))
+    measure = Measure()
+    trainer = Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
+                      precision="bf16-true" if args.weights == "bf16" else "32-true", enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, callbacks=[measure])
+    trainer.fit(stage, datamodule=WebDataModule(train=str(work / "data" / "train"), batch_size=args.batch_size))
+    params = sum(p.numel() for p in stage.model.parameters())
+    weights = sum(p.nbytes for p in stage.model.parameters())
+    increase = (measure.peak_kb - baseline_kb) * 1024
+    per_param = {"weights": weights / params, "gradients": measure.grads / params,
+                 "optimizer_state": measure.state / params}
+    per_param["activations_and_other"] = increase / params - sum(per_param.values())
+    return {"bench": "memory_8bit", "family": args.family, "size": args.size, "weights": args.weights,
+            "optimizer": "bitsandbytes.AdamW8bit", "params_m": round(params / 1e6, 1),
+            "batch_size": args.batch_size, "steps": args.steps, "gradient_checkpointing": args.gradient_checkpointing,
+            "after_load_mb": round(measure.after_load_kb / 1024, 1),
+            "baseline_mb": round(baseline_kb / 1024, 1), "peak_mb": round(measure.peak_kb / 1024, 1),
+            "peak_incl_load_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "bytes_per_param": round(increase / params, 2),
+            "breakdown_bytes_per_param": {k: round(v, 2) for k, v in per_param.items()}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="qwen2_5_vl", choices=("internvl", "qwen2_5_vl", "llava"))
+    parser.add_argument("--size", default="medium", choices=("tiny", "small", "medium"))
+    parser.add_argument("--weights", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="recompute activations in backward (default on: the memory-lean configuration)")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-mem-")
+    if args.run_one:
+        args.weights = args.weights[0]
+        print(json.dumps(run_one(args)), flush=True)
+        return
+    for weights in args.weights:
+        cmd = [sys.executable, __file__, "--run-one", "--weights", weights, "--family", args.family,
+               "--size", args.size, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
+               "--workdir", args.workdir]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"memory_8bit: {weights} weights failed:\n{out.stderr[-3000:]}")
+        print(out.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

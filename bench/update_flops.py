@@ -1,0 +1,145 @@
+"""FLOP/s of GRPO's policy update against this machine's measured matmul peak.
+
+    python bench/update_flops.py --precision fp32 bf16
+
+Each precision runs in its own process: a real GRPO fit (HF engine, the small preset, G completions
+of exactly ``--max-new-tokens`` tokens for ``--prompts`` prompts, on-policy, AdamW) whose ``update``
+(log-prob forward, loss, backward, clipping, optimizer step) is timed on even steps and counted
+with ``torch.utils.flop_counter.FlopCounterMode`` on odd ones. The prompts are the same every step
+(a one-batch dataset), so counted and timed updates do the same work; ``flops_spread`` shows it.
+FLOPs are counted on the real step, vision tower included, not estimated as 6·params·tokens. The
+same process then times a 2048² matmul in bf16 and fp32: the peak the update is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def distinct_chars_reward(items):
+    """Cheap, and different across a group's samples, so every row carries a gradient."""
+    return [{"reward": len(set(it["response"])) / (len(it["response"]) + 1)} for it in items]
+
+
+def matmul_peak(dtype, n: int = 2048, repeats: int = 20) -> float:
+    """Median GFLOP/s of an n×n matmul."""
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def run_one(args) -> dict:
+    import torch
+    from lightning.pytorch import Callback, Trainer
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from r1v3.data_modules.synthetic import write_synthetic
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.rl.rollout import SamplingConfig
+    from r1v3.stages.base import OptimizerConfig
+    from r1v3.stages.grpo import GRPOStage
+    from r1v3.tiny import build_tiny
+
+    class MeasuredGRPO(GRPOStage):
+        """GRPO unchanged; its update is either timed or FLOP-counted (the counter's dispatch
+        overhead would distort a timing taken under it)."""
+
+        def update(self, *args, **kwargs):
+            if len(self.timed) + len(self.counted) < 1:  # warm-up: neither
+                self.timed.append(None)
+                return super().update(*args, **kwargs)
+            if len(self.counted) < len(self.timed):
+                with FlopCounterMode(display=False) as counter:
+                    out = super().update(*args, **kwargs)
+                self.counted.append(counter.get_total_flops())
+                self.by_op = {str(op).split(".")[-2] if "." in str(op) else str(op): n
+                              for op, n in counter.get_flop_counts()["Global"].items()}
+                return out
+            t0 = time.perf_counter()
+            out = super().update(*args, **kwargs)
+            self.timed.append(time.perf_counter() - t0)
+            return out
+
+    class SuppressEOS(Callback):  # every completion is exactly max_new_tokens long: equal work
+        def on_fit_start(self, trainer, stage):
+            stage.engine.suppress_tokens.append(stage.tokenizer.eos_token_id)
+
+    torch.manual_seed(0)
+    work = Path(args.workdir)
+    model_dir = work / f"{args.family}-{args.size}"
+    if not (model_dir / "config.json").exists():
+        build_tiny(args.family, model_dir, size=args.size)
+    data_dir = work / "data"
+    if not (data_dir / "train").exists():
+        write_synthetic(data_dir, n_train=args.prompts, n_val=4, n_ood=4)
+    stage = MeasuredGRPO(str(model_dir), optimizer=OptimizerConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
+                         sampling=SamplingConfig(n=args.group_size, max_new_tokens=args.max_new_tokens),
+                         reward_fn="__main__.distinct_chars_reward", rollout_log_every=0,
+                         micro_batch_tokens=args.micro_batch_tokens)
+    stage.timed, stage.counted, stage.by_op = [], [], {}
+    trainer = Trainer(accelerator="cpu", max_steps=1 + 2 * args.steps, logger=False, enable_checkpointing=False,
+                      precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[SuppressEOS()], log_every_n_steps=1)
+    trainer.fit(stage, datamodule=WebDataModule(train=str(data_dir / "train"), batch_size=args.prompts,
+                                                max_prompt_length=4096))
+    flops = statistics.median(stage.counted)
+    update_s = statistics.median(stage.timed[1:])
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    achieved = flops / update_s / 1e9
+    return {"bench": "update_flops", "family": args.family, "size": args.size, "precision": args.precision,
+            "prompts": args.prompts, "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
+            "updates_timed": len(stage.timed) - 1, "update_s_median": round(update_s, 4),
+            "update_gflop": round(flops / 1e9, 2),
+            "flops_spread": round((max(stage.counted) - min(stage.counted)) / flops, 4),
+            "achieved_gflops": round(achieved, 1), "peak_bf16_gflops": round(peaks["bf16"], 1),
+            "peak_fp32_gflops": round(peaks["fp32"], 1),
+            "share_of_bf16_peak": round(achieved / peaks["bf16"], 3),
+            "share_of_own_precision_peak": round(achieved / peaks[args.precision], 3),
+            "gflop_by_op": {k: round(v / 1e9, 2) for k, v in sorted(stage.by_op.items(), key=lambda kv: -kv[1])}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="internvl", choices=("internvl", "qwen2_5_vl", "llava"))
+    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    for flag, default in (("--prompts", 4), ("--group-size", 8), ("--max-new-tokens", 64), ("--steps", 3),
+                          ("--micro-batch-tokens", 8192)):
+        parser.add_argument(flag, type=int, default=default)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-flops-")
+    if args.run_one:
+        args.precision = args.precision[0]
+        print(json.dumps(run_one(args)), flush=True)
+        return
+    for precision in args.precision:
+        cmd = [sys.executable, __file__, "--run-one", "--precision", precision, "--family", args.family,
+               "--size", args.size, "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+               "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps),
+               "--micro-batch-tokens", str(args.micro_batch_tokens), "--workdir", args.workdir]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if out.returncode != 0:
+            sys.exit(f"update_flops: {precision} failed:\n{out.stderr[-3000:]}")
+        print(out.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
