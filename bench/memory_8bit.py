@@ -1,6 +1,6 @@
 """Memory of a full fine-tune with bitsandbytes AdamW8bit, per parameter, on a ≥0.5B model.
 
-    python bench/memory_8bit.py                      # fp32 and bf16 weights, each in its own process
+    python bench/memory_8bit.py        # fp32, fp32 with the optimizer in backward, bf16; one process each
 
 The model is the ``medium`` preset (the ``small`` family scaled to ~0.56B parameters, random
 weights). Each configuration runs the SFT stage with every module group trainable for ``--steps``
@@ -10,16 +10,27 @@ per parameter, with the breakdown measured on the live objects: weights, gradien
 (bitsandbytes keeps 1-byte moments plus per-block scales; tensors under 4096 elements stay 32-bit),
 and the remainder (activations, allocator slack, the framework). ``peak_incl_load`` is the peak
 including model loading, for reference.
+
+Configurations: ``fp32`` (fp32 weights and gradients), ``fp32-in-backward`` (fp32 weights, each
+parameter updated inside the backward and its gradient freed: ``optimizer.in_backward``) and
+``bf16`` (bf16 weights and gradients: no fp32 master copy, so updates below bf16's resolution are
+lost; shown for reference). Gradient checkpointing is on by default. The children run with glibc's
+``MALLOC_MMAP_THRESHOLD_`` fixed (``--mmap-threshold``): with glibc's adaptive default, freed
+gradient-sized blocks stay in the heap and the resident set creeps up step after step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+
+CONFIGS = ("fp32", "fp32-in-backward", "bf16")
 
 
 def rss_kb(field: str) -> int:
@@ -55,21 +66,23 @@ def run_one(args) -> dict:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: drop the loading peak
             self.after_load_kb = rss_kb("VmRSS")
 
-        def on_before_optimizer_step(self, trainer, stage, optimizer):
+        def on_after_backward(self, trainer, stage):  # what the step holds (0 when freed in backward)
             self.grads = sum(p.grad.nbytes for p in stage.model.parameters() if p.grad is not None)
 
         def on_train_end(self, trainer, stage):
             self.peak_kb = rss_kb("VmHWM")
-            opt = trainer.optimizers[0]
-            self.state = sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+            opts = getattr(trainer.optimizers[0], "inner", trainer.optimizers)
+            self.state = sum(v.nbytes for opt in opts for s in opt.state.values() for v in s.values()
+                             if torch.is_tensor(v))
 
-    dtype = "bfloat16" if args.weights == "bf16" else "float32"
-    stage = SFTStage(str(model_dir), trainable=("vision", "connector", "llm"), dtype=dtype, val_generate=False,
-                     gradient_checkpointing=args.gradient_checkpointing,
-                     optimizer=OptimizerConfig(name="adamw8bit", lr=1e-5, warmup_ratio=0.0, schedule="constant"))
+    bf16 = args.config == "bf16"
+    stage = SFTStage(str(model_dir), trainable=("vision", "connector", "llm"), dtype="bfloat16" if bf16 else "float32",
+                     val_generate=False, gradient_checkpointing=args.gradient_checkpointing,
+                     optimizer=OptimizerConfig(name="adamw8bit", lr=1e-5, warmup_ratio=0.0, schedule="constant",
+                                               in_backward=args.config.endswith("in-backward")))
     measure = Measure()
     trainer = Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
-                      precision="bf16-true" if args.weights == "bf16" else "32-true", enable_progress_bar=False,
+                      precision="bf16-true" if bf16 else "32-true", enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0, callbacks=[measure])
     trainer.fit(stage, datamodule=WebDataModule(train=str(work / "data" / "train"), batch_size=args.batch_size))
     params = sum(p.numel() for p in stage.model.parameters())
@@ -78,7 +91,8 @@ def run_one(args) -> dict:
     per_param = {"weights": weights / params, "gradients": measure.grads / params,
                  "optimizer_state": measure.state / params}
     per_param["activations_and_other"] = increase / params - sum(per_param.values())
-    return {"bench": "memory_8bit", "family": args.family, "size": args.size, "weights": args.weights,
+    return {"bench": "memory_8bit", "family": args.family, "size": args.size, "config": args.config,
+            "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
             "optimizer": "bitsandbytes.AdamW8bit", "params_m": round(params / 1e6, 1),
             "batch_size": args.batch_size, "steps": args.steps, "gradient_checkpointing": args.gradient_checkpointing,
             "after_load_mb": round(measure.after_load_kb / 1024, 1),
@@ -92,7 +106,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="qwen2_5_vl", choices=("internvl", "qwen2_5_vl", "llava"))
     parser.add_argument("--size", default="medium", choices=("tiny", "small", "medium"))
-    parser.add_argument("--weights", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                        help="MALLOC_MMAP_THRESHOLD_ for the runs, bytes (0: glibc's adaptive default)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -102,17 +118,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-mem-")
     if args.run_one:
-        args.weights = args.weights[0]
+        args.config = args.configs[0]
         print(json.dumps(run_one(args)), flush=True)
         return
-    for weights in args.weights:
-        cmd = [sys.executable, __file__, "--run-one", "--weights", weights, "--family", args.family,
+    env = dict(os.environ)
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    for config in args.configs:
+        cmd = [sys.executable, __file__, "--run-one", "--configs", config, "--family", args.family,
                "--size", args.size, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
                "--workdir", args.workdir]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
-            sys.exit(f"memory_8bit: {weights} weights failed:\n{out.stderr[-3000:]}")
+            sys.exit(f"memory_8bit: {config} failed:\n{out.stderr[-3000:]}")
         print(out.stdout.strip().splitlines()[-1], flush=True)
 
 

@@ -67,7 +67,7 @@ def run_one(args) -> dict:
                 with FlopCounterMode(display=False) as counter:
                     out = super().update(*args, **kwargs)
                 self.counted.append(counter.get_total_flops())
-                self.by_op = {str(op).split(".")[-2] if "." in str(op) else str(op): n
+                self.by_op = {str(op).removeprefix("aten.").split(".")[0]: n
                               for op, n in counter.get_flop_counts()["Global"].items()}
                 return out
             t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def run_one(args) -> dict:
             "peak_fp32_gflops": round(peaks["fp32"], 1),
             "share_of_bf16_peak": round(achieved / peaks["bf16"], 3),
             "share_of_own_precision_peak": round(achieved / peaks[args.precision], 3),
-            "gflop_by_op": {k: round(v / 1e9, 2) for k, v in sorted(stage.by_op.items(), key=lambda kv: -kv[1])}}
+            "gflop_by_op": {k: round(v / 1e9, 3) for k, v in sorted(stage.by_op.items(), key=lambda kv: -kv[1])}}
 
 
 def main(argv=None) -> None:

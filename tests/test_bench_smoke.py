@@ -35,6 +35,29 @@ def test_grpo_step_smoke(tmp_path):
     assert lines[2]["largest"] == "G2_len8" and lines[2]["largest_ms_per_token_over"]["G2_len4"] > 0
 
 
+
+def test_update_flops_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "update_flops.py"), "--size", "tiny", "--precision",
+                          "fp32", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "6", "--steps", "2",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["updates_timed"] == 2 and result["flops_spread"] == 0.0  # same work every update
+    assert result["update_gflop"] > 0 and result["peak_bf16_gflops"] > 0
+    assert 0 < result["share_of_bf16_peak"] < 1 and "mm" in result["gflop_by_op"]
+
+
+def test_memory_8bit_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "memory_8bit.py"), "--size", "tiny", "--steps", "2",
+                          "--configs", "fp32", "fp32-in-backward", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    plain, fused = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
+    assert plain["breakdown_bytes_per_param"]["weights"] == 4.0
+    assert plain["breakdown_bytes_per_param"]["gradients"] == 4.0
+    assert fused["breakdown_bytes_per_param"]["gradients"] == 0.0  # freed inside the backward
+    assert fused["breakdown_bytes_per_param"]["optimizer_state"] > 0
+
 def _compare_trl(tmp_path, side: str) -> dict:
     # One step, no warm-up: a smoke run checks the figures are produced, not their values.
     out = subprocess.run([sys.executable, str(REPO / "bench" / "compare_trl.py"), "--families", "internvl",

@@ -10,6 +10,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from r1v3 import backbone as bb
 from r1v3 import fsdp
 from r1v3.logprobs import gather_logprobs
+from r1v3.stages.in_backward import OptimizerInBackward
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ class OptimizerConfig:
         betas: Adam betas.
         warmup_ratio: Share of the total steps spent warming up linearly.
         schedule: ``cosine`` decays to zero after warm-up; ``constant`` holds the peak.
+        in_backward: Update each parameter inside the backward pass and free its gradient at
+            once, so the gradients never all exist together (4 bytes per fp32 parameter saved).
+            Stages with one backward per step only (SFT, connector): no gradient accumulation,
+            no ``gradient_clip_val``, not under FSDP.
     """
 
     name: Literal["adamw", "adamw8bit"] = "adamw"
@@ -44,6 +50,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.03
     schedule: Literal["cosine", "constant"] = "cosine"
+    in_backward: bool = False
 
 
 # Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets
@@ -210,6 +217,13 @@ class R1V3Module(LightningModule):
         return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if isinstance(optimizer, OptimizerInBackward):  # the backward has already stepped
+            if optimizer.nonfinite:
+                optimizer.nonfinite = 0
+                self.skip_nonfinite("gradient (those parameters kept their weights)")
+            else:
+                self.finite_update()
+            return
         # Automatic optimization (SFT): with every gradient set to None, torch optimizers leave the
         # parameters and their moment estimates untouched, which is a skipped update.
         if self.automatic_optimization and any(p.grad is not None for p in self.model.parameters()):
@@ -273,9 +287,14 @@ class R1V3Module(LightningModule):
         if cfg.name == "adamw8bit":
             import bitsandbytes as bnb
 
-            opt = bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            make = partial(bnb.optim.AdamW8bit, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         else:
-            opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            make = partial(torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        if cfg.in_backward:
+            self.check_in_backward()
+            opt = OptimizerInBackward(params, make)
+        else:
+            opt = make(params)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(cfg.warmup_ratio * total)
         if cfg.schedule == "cosine":
@@ -283,6 +302,21 @@ class R1V3Module(LightningModule):
         else:
             sched = get_constant_schedule_with_warmup(opt, warmup)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def check_in_backward(self) -> None:
+        """Refuse the settings under which updating inside the backward would change the maths."""
+        trainer = self.trainer
+        reasons = []
+        if not self.automatic_optimization:
+            reasons.append("this stage accumulates micro-batches and clips the global gradient norm itself")
+        if trainer.gradient_clip_val:
+            reasons.append("trainer.gradient_clip_val needs every gradient at once")
+        if trainer.accumulate_grad_batches > 1:
+            reasons.append("trainer.accumulate_grad_batches > 1 needs gradients kept across backwards")
+        if fsdp.is_sharded(self.model):
+            reasons.append("FSDP sets reduced gradients outside autograd's gradient hooks")
+        if reasons:
+            raise bb.BackboneError("optimizer.in_backward cannot be used here: " + "; ".join(reasons))
 
     # -- export ----------------------------------------------------------------------------------
     def export_hf(self, out: str | Path) -> Path:
