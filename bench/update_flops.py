@@ -23,6 +23,26 @@ import time
 from pathlib import Path
 
 
+def count_cpu_attention() -> None:
+    """Give FlopCounterMode the CPU flash-attention kernels it has no formula for (torch 2.13
+    counts only the CUDA SDPA variants), with its own SDPA formulas: otherwise the attention
+    FLOPs of the update would silently count as zero."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def forward(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query, key, value)  # the counter passes shapes
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
 def distinct_chars_reward(items):
     """Cheap, and different across a group's samples, so every row carries a gradient."""
     return [{"reward": len(set(it["response"])) / (len(it["response"]) + 1)} for it in items]
@@ -79,6 +99,7 @@ def run_one(args) -> dict:
         def on_fit_start(self, trainer, stage):
             stage.engine.suppress_tokens.append(stage.tokenizer.eos_token_id)
 
+    count_cpu_attention()
     torch.manual_seed(0)
     work = Path(args.workdir)
     model_dir = work / f"{args.family}-{args.size}"
