@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -218,6 +219,12 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
         raise BackboneError(f"cannot read a model config from {path}: {str(err).splitlines()[0]}") from None
     family = detect_family(config)
     resolved_groups = resolve_groups(family, groups)
+    if device == "cpu" and not torch.cuda.is_available():
+        # transformers' own switch: grouped-query attention goes to SDPA with enable_gqa instead of
+        # first copying each KV head to every query head (repeat_kv). It only enables it on CUDA
+        # without a mask, where a mask would fall back to the math kernel; CPU's flash kernel takes
+        # the mask, and a GRPO update measured 4% (fp32) to 8% (bf16) faster (bench/update_flops.py).
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=TORCH_DTYPES[dtype], attn_implementation=resolve_attn_implementation(
             attn_implementation, device),
