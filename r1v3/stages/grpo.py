@@ -252,7 +252,7 @@ class GRPOStage(R1V3Module):
 
     # -- updates ---------------------------------------------------------------------------------
     def update(self, prompts, rollouts: Rollouts, advantages, loss_mask, ref_logp, rows) -> dict:
-        hp, G = self.hparams, rollouts.group_size
+        hp = self.hparams
         opt, sched = self.optimizers(), self.lr_schedulers()
         old_logp = None
         t_forward = t_backward = 0.0
@@ -327,61 +327,21 @@ class GRPOStage(R1V3Module):
         return micros + [(torch.tensor([0]), False)] * (n - len(micros))
 
     def micro_batches(self, prompts, rollouts: Rollouts, rows: torch.Tensor):
-        """Cut ``rows`` into runs whose tokens fit the budget: completions, plus each prompt once
-        per run when rows share their prompt's pass, else once per row."""
-        budget, G = self.hparams.micro_batch_tokens, rollouts.group_size
-        share = self.shares_prompts(self.model)
-        prompt_len = {}
-        current, used = [], 0
-        for r in rows.tolist():
-            p = r // G
-            if p not in prompt_len:  # exact: image tokens depend on the processor and resolution
-                tokens, _ = self.encoder.encode_prompts([prompts[p].text], [prompts[p].images])
-                prompt_len[p] = tokens["input_ids"].shape[1]
-            cost = int(rollouts.completion_mask[r].sum())
-            cost += 0 if share and any(q // G == p for q in current) else prompt_len[p]
-            if current and used + cost > budget:
-                yield torch.tensor(current)
-                current, used = [], 0
-                cost = prompt_len[p] + int(rollouts.completion_mask[r].sum())
-            current.append(r)
-            used += cost
-        if current:
-            yield torch.tensor(current)
-
-    @staticmethod
-    def shares_prompts(model: torch.nn.Module) -> bool:
-        """Whether a group's rows can share one prompt pass: not when HF drops the cache for
-        gradient checkpointing, nor under FSDP (one forward per backward keeps its hooks simple)."""
-        return not (fsdp.is_sharded(model) or getattr(model, "is_gradient_checkpointing", False))
+        """Cut ``rows`` into runs that fit ``micro_batch_tokens`` (``r1v3.rl.prefix.micro_batches``)."""
+        return prefix.micro_batches(self.encoder, prompts, rollouts.completion_mask, rows, rollouts.group_size,
+                                    self.hparams.micro_batch_tokens, prefix.shares_prompts(self.model))
 
     def policy_logprobs(self, prompts, rollouts: Rollouts, rows: torch.Tensor, with_grad: bool,
                         model: torch.nn.Module | None = None, with_entropy: bool = True):
         """Per-token log-probs [len(rows), T] of the sampled completions (temperature-scaled, as
         sampled) and the full-distribution entropy at each completion position (None when
         ``with_entropy`` is off: the old-policy and reference passes never read it, and over a
-        real vocabulary it is a full softmax per position).
-
-        A group's rows share one prompt pass (``r1v3.rl.prefix``) unless the model is sharded or
-        recomputes activations; then each row runs whole."""
-        model = model if model is not None else self.model
-        G = rollouts.group_size
-        owners = (rows // G).tolist()
-        share = self.shares_prompts(model)
-        unique = sorted(set(owners)) if share else owners
-        tokens, images = self.encoder.encode_prompts([prompts[p].text for p in unique],
-                                                     [prompts[p].images for p in unique])
-        tokens = {k: v.to(self.device) for k, v in tokens.items()}
-        images = {k: v.to(self.device) for k, v in images.items()}
-        ids, mask = rollouts.completion_ids[rows].to(self.device), rollouts.completion_mask[rows].to(self.device)
+        real vocabulary it is a full softmax per position)."""
+        ids = rollouts.completion_ids[rows].to(self.device)
         with torch.set_grad_enabled(with_grad):
-            if share:
-                where = {p: i for i, p in enumerate(unique)}
-                index = torch.tensor([where[p] for p in owners], device=self.device)
-                logits = prefix.completion_logits(model, tokens, images, index, ids, mask)
-            else:
-                logits = prefix.per_row_completion_logits(model, tokens, images, ids, mask,
-                                                          self.tokenizer.pad_token_id)
+            logits = prefix.rows_completion_logits(
+                model if model is not None else self.model, self.encoder, prompts, (rows // rollouts.group_size).tolist(),
+                ids, rollouts.completion_mask[rows].to(self.device), self.tokenizer.pad_token_id, self.device)
             temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
             picked = logits.float() / temperature
             logp = gather_logprobs(picked, ids)
