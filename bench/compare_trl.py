@@ -46,6 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from child import run_setting
+
 SIDES = ("trl", "r1v3-hf", "r1v3-vllm")  # TRL first: the r1v3 lines carry the ratio to it
 PHASES = ("rollout_s", "reward_s", "old_logprob_s", "forward_s", "backward_s", "sync_s")
 
@@ -315,11 +317,8 @@ def main(argv=None) -> None:
                 print(json.dumps({"bench": "compare_trl", "side": side, "family": family, "skipped": reason}),
                       flush=True)
                 continue
-            cmd = [python, __file__, *raw, "--run-side", side, "--family", family, "--workdir", args.workdir]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                sys.exit(f"compare_trl: {side} on {family} failed:\n{out.stderr[-4000:]}")
-            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result = json.loads(run_setting(__file__, raw, ["--run-side", side, "--family", family, "--workdir",
+                                                            args.workdir], f"{side} on {family}", python, env))
             if side == "trl":
                 trl_tps = result["tokens_per_s"]
             result["tokens_per_s_over_trl"] = round(result["tokens_per_s"] / trl_tps, 2) if trl_tps else None

@@ -17,10 +17,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from child import run_setting
 
 KEYS = ("step_s", "rollout_s", "reward_s", "old_logprob_s", "forward_s", "backward_s", "update_s",
         "rollout_tokens_per_s", "update_tokens_per_s", "response_len_mean")
@@ -90,7 +91,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--workdir", default=None)
-    args = parser.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-grpo-")
     if args.group_size is not None:
         print(json.dumps(run_one(args)))
@@ -98,14 +100,8 @@ def main(argv=None) -> None:
     per_token = {}
     for length in args.lengths:
         for g in args.groups:
-            cmd = [sys.executable, __file__, "--group-size", str(g), "--family", args.family, "--size", args.size,
-                   "--prompts", str(args.prompts), "--max-new-tokens", str(length), "--rollout", args.rollout,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
-                   "--workdir", args.workdir]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"grpo_step: G={g}, length {length} failed:\n{out.stderr[-3000:]}")
-            line = out.stdout.strip().splitlines()[-1]
+            line = run_setting(__file__, raw, ["--group-size", str(g), "--max-new-tokens", str(length),
+                                               "--workdir", args.workdir], f"G={g}, length {length}")
             per_token[(g, length)] = json.loads(line)["ms_per_token"]
             print(line, flush=True)
     largest = (max(args.groups), max(args.lengths))

@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from child import run_setting
 
 
 CONFIGS = ("fp32", "fp32-in-backward", "bf16")
@@ -115,7 +116,8 @@ def main(argv=None) -> None:
                         help="recompute activations in backward (default on: the memory-lean configuration)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-mem-")
     if args.run_one:
         args.config = args.configs[0]
@@ -125,14 +127,8 @@ def main(argv=None) -> None:
     if args.mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     for config in args.configs:
-        cmd = [sys.executable, __file__, "--run-one", "--configs", config, "--family", args.family,
-               "--size", args.size, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
-               "--workdir", args.workdir]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            sys.exit(f"memory_8bit: {config} failed:\n{out.stderr[-3000:]}")
-        print(out.stdout.strip().splitlines()[-1], flush=True)
+        print(run_setting(__file__, raw, ["--run-one", "--configs", config, "--workdir", args.workdir], config,
+                          env=env), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from child import run_setting
 
 
 def count_cpu_attention() -> None:
@@ -145,21 +146,16 @@ def main(argv=None) -> None:
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-flops-")
     if args.run_one:
         args.precision = args.precision[0]
         print(json.dumps(run_one(args)), flush=True)
         return
     for precision in args.precision:
-        cmd = [sys.executable, __file__, "--run-one", "--precision", precision, "--family", args.family,
-               "--size", args.size, "--prompts", str(args.prompts), "--group-size", str(args.group_size),
-               "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps),
-               "--micro-batch-tokens", str(args.micro_batch_tokens), "--workdir", args.workdir]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-        if out.returncode != 0:
-            sys.exit(f"update_flops: {precision} failed:\n{out.stderr[-3000:]}")
-        print(out.stdout.strip().splitlines()[-1], flush=True)
+        print(run_setting(__file__, raw, ["--run-one", "--precision", precision, "--workdir", args.workdir],
+                          precision), flush=True)
 
 
 if __name__ == "__main__":

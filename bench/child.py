@@ -1,0 +1,19 @@
+"""Benchmarks run each setting in a child process of its own, so that peak RSS, allocator state and
+thread pools belong to that setting alone. The child is the same script with the parent's own
+arguments plus the overrides that pick one setting (argparse keeps the last value given)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_setting(script: str, argv: list[str], overrides: list[str], what: str, python: str = sys.executable,
+                env: dict | None = None) -> str:
+    """Run ``script`` with ``argv + overrides``; return its last stdout line (its JSON result), or
+    exit with the child's error output."""
+    out = subprocess.run([python, script, *argv, *overrides], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{Path(script).stem}: {what} failed:\n{out.stderr[-4000:]}")
+    return out.stdout.strip().splitlines()[-1]
