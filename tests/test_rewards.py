@@ -61,6 +61,17 @@ def test_rules_stay_in_process_and_bounded():
     assert time.perf_counter() - start < 1.0
 
 
+def test_a_leading_dot_is_a_decimal_point(reward):
+    # ".5" is one half, not five: only a trailing sentence period may be dropped.
+    assert not matches_reference("5", ".5") and not matches_reference(".5", "5")
+    assert matches_reference("0.5", ".5") and matches_reference(".5", "0.5")
+    assert matches_reference("5.", "5") and matches_reference("$.5$.", "0.5")
+    assert not is_correct(resp(".5"), "5") and is_correct(resp(".5"), "0.5")
+    # The GRPO reward (rules, then math-verify in its workers) agrees.
+    out = reward([item(resp(".5"), "5"), item(resp("5"), ".5"), item(resp("0.5"), ".5")])
+    assert [o["accuracy"] for o in out] == [0, 0, 1]
+
+
 def test_math_verify_equivalence_in_process():
     assert math_equivalent("0.5", "\\frac{1}{2}")
     assert math_equivalent("1+x", "x+1")

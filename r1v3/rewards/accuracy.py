@@ -37,7 +37,8 @@ _MAX_NUMBER_CHARS = 64
 
 
 def normalize(text: str) -> str:
-    text = _WS.sub(" ", text.strip()).strip(" .")
+    # Only a trailing sentence period goes: a leading dot is a decimal point (".5" is not "5").
+    text = _WS.sub(" ", text.strip()).rstrip(" .")
     if len(text) >= 2 and text[0] == text[-1] == "$":
         text = text.strip("$").strip()
     text = _SPACING.sub("", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
