@@ -73,6 +73,21 @@ def test_group_advantages_eps():
         assert torch.equal(group_advantages(torch.tensor([0.8, 0.8, 0.8]), 3, mode), torch.zeros(3))
 
 
+def test_all_equal_groups_get_exactly_zero():
+    # The float32 mean of G equal rewards can sit one rounding step off the reward itself
+    # (eight 0.8s: mean - 0.8 = -6e-8), and dividing that residue by the group std + eps
+    # (0 + 1e-6) gave -0.056 per sample. A flat group holds no signal: its advantage is exactly 0,
+    # in every mode and beside groups that do vary.
+    for value in (0.2, 0.8, 1 / 3):
+        for G in (4, 7, 8, 16):
+            flat = torch.full((G,), value)
+            for mode in ("group", "batch", "none"):
+                assert torch.equal(group_advantages(flat, G, mode), torch.zeros(G)), (value, G, mode)
+            mixed = torch.cat([flat, torch.arange(G, dtype=torch.float32) / G])
+            adv = group_advantages(mixed, G, "batch")
+            assert torch.equal(adv[:G], torch.zeros(G)) and adv[G:].abs().max() > 0.5
+
+
 def test_group_advantages_group_size_one():
     # One sample per prompt: unbiased std undefined (divisor 0); defined as advantage 0, no NaN.
     for mode in ("group", "batch", "none"):

@@ -50,7 +50,10 @@ def group_advantages(
 
     A group of size 1 has no unbiased std (divisor G-1 = 0) and its own mean as the only
     baseline, so it carries no relative signal: its advantage is defined as 0 in every mode.
-    A group whose rewards are all equal also gets 0 (0 / (0 + eps)).
+    A group whose rewards are all equal also gets exactly 0, in every mode. Arithmetic alone would
+    not give that: the float32 mean of eight 0.8s is one rounding step off 0.8, and dividing that
+    residue by (0 + eps) turned it into -0.056 for every sample, a push in one direction from a
+    group that holds no signal.
     """
     if std_mode not in ("group", "batch", "none"):
         raise ValueError(f"unknown std_mode {std_mode!r}")
@@ -65,7 +68,8 @@ def group_advantages(
     else:
         # numel >= 2 here because group_size >= 2, so the unbiased batch std is defined.
         adv = centered / (r.std() + eps)
-    return adv.reshape(-1)
+    flat = (r == r[:, :1]).all(dim=1, keepdim=True)  # the test of zero_variance_groups
+    return torch.where(flat, torch.zeros((), dtype=adv.dtype), adv).reshape(-1)
 
 
 def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
