@@ -137,3 +137,62 @@ def test_vllm_rollout_without_vllm_is_one_clear_error(tiny_dirs):
         pytest.skip("vLLM is installed here; this checks the message a core install gives")
     with pytest.raises(BackboneError, match="setup_vllm.sh"):
         make_stage(tiny_dirs, rollout="vllm")
+
+
+class GradientRecorder:
+    """Optimizer stand-in for calling ``GRPOStage.update`` outside a Trainer: ``step`` keeps the
+    gradients it would have applied, and the weights never move."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.param_groups = [{"lr": 0.0}]
+        self.grads: list[torch.Tensor] = []
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.grads = [p.grad.detach().clone() for p in self.params]
+
+
+def test_micro_batch_cut_leaves_the_gradient_unchanged(tiny_dirs, synth_dir):
+    # 8 rows of uneven length, 3 truncated and masked out of the loss (DAPO's overlong filtering):
+    # seq-mean-token-mean averages over the 5 rows that keep tokens. Weighting each micro-batch by
+    # its share of all 8 rows made the gradient depend on the token budget (0.16 relative apart).
+    stage = make_stage(tiny_dirs, truncation="mask", max_grad_norm=0.0)
+    stage.setup("fit")
+    stage.configure_model()
+    params = [p for p in stage.model.parameters() if p.requires_grad]
+    recorder = GradientRecorder(params)
+    stage.optimizers = lambda: recorder
+    stage.lr_schedulers = lambda: type("NoSchedule", (), {"step": lambda self: None})()
+    stage.manual_backward = lambda loss: loss.backward()
+    data = WebDataModule(train=str(synth_dir / "train"), batch_size=2)
+    data.processor, data.collate_mode = stage.processor, "prompt"
+    data.setup("fit")
+    meta = next(iter(data.train_dataloader()))["meta"]
+    prompts = [Prompt(t, i) for t, i in zip(meta["prompt_text"], meta["pil_images"])]
+    rollouts = stage.engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=8), seed=3)
+    lengths = torch.tensor([8, 3, 5, 8, 2, 7, 6, 4])
+    rollouts.completion_mask = (torch.arange(8)[None] < lengths[:, None]).long()
+    truncated = torch.tensor([False, True, False, False, True, False, True, False])
+    loss_mask = rollouts.completion_mask.float() * (~truncated).float()[:, None]
+    advantages = torch.tensor([0.9, -1.2, 0.4, -0.3, 1.1, -0.7, 0.2, -1.4])
+    rows = torch.arange(8)
+
+    def cuts(budget):
+        stage.hparams.micro_batch_tokens = budget
+        return len(list(stage.micro_batches(prompts, rollouts, rows)))
+
+    def gradient(budget):
+        cut = cuts(budget)
+        stage.update(prompts, rollouts, advantages, loss_mask, None, rows)
+        return cut, torch.cat([g.flatten() for g in recorder.grads])
+
+    one_cut, whole = gradient(100_000)
+    four_cut, split = gradient(next(b for b in range(8, 4096) if cuts(b) == 4))
+    assert (one_cut, four_cut) == (1, 4)
+    assert whole.norm() > 0
+    # fp32: the two differ only by summation order (observed ~1e-7)
+    assert float((split - whole).norm() / whole.norm()) < 1e-5

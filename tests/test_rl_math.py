@@ -9,7 +9,7 @@ import torch
 
 from r1v3.rl.advantages import group_advantages, zero_variance_groups
 from r1v3.rl.entropy import entropy_from_logits, masked_mean, normalized_entropy
-from r1v3.rl.losses import aggregate, kl_penalty, policy_loss, sequence_kl
+from r1v3.rl.losses import aggregate, kl_penalty, micro_batch_share, policy_loss, sequence_kl
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 
@@ -464,3 +464,20 @@ def test_masked_mean():
     close(values.grad, [[1 / 3, 1 / 3, 0.0], [1 / 3, 0.0, 0.0]])
     empty = masked_mean(values, torch.zeros(2, 3, dtype=torch.bool))
     assert empty.item() == 0.0  # not NaN
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_micro_batch_shares_recombine_the_batch_aggregate(mode):
+    # 4 rows of 3 positions, row 1 empty (a masked truncation). Cut as [0, 1] + [2, 3]:
+    #   seq-mean-token-mean: row means 2, -, 4, 1.5 over 3 non-empty rows = 7.5 / 3 = 2.5;
+    #   the cut's shares are 1/3 and 2/3: 1/3 * 2 + 2/3 * (4 + 1.5) / 2 = 2.5.
+    values = torch.tensor([[1.0, 2, 3], [9, 9, 9], [4, 4, 4], [1, 2, 0]])
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    whole = aggregate(values, mask, mode)
+    for cut in ([[0, 1], [2, 3]], [[0], [1], [2], [3]], [[0, 1, 2], [3]]):
+        parts = sum(micro_batch_share(mask[rows], mask, mode) * aggregate(values[rows], mask[rows], mode)
+                    for rows in map(torch.tensor, cut))
+        close(parts, whole)
+    if mode == "seq-mean-token-mean":
+        close(whole, 2.5)
+        assert micro_batch_share(mask[:2], mask, mode) == pytest.approx(1 / 3)

@@ -67,6 +67,26 @@ def aggregate(
     raise ValueError(f"unknown aggregation mode {mode!r}")
 
 
+def micro_batch_share(micro_mask: Tensor, batch_mask: Tensor, mode: AggMode) -> float:
+    """Weight of a micro-batch's own ``aggregate`` in the aggregate of the whole (mini-)batch.
+
+    The loss of a batch cut into micro-batches is Σ share_m · aggregate(micro m), and it must not
+    depend on the cut. Each share is the micro-batch's part of the batch's normaliser:
+    - ``"token-mean"``: its unmasked tokens over the batch's;
+    - ``"seq-mean-token-mean"``: its rows with at least one unmasked token over the batch's, since
+      ``aggregate`` leaves empty rows (a masked truncation, say) out of the mean. Counting all rows
+      instead made the gradient depend on the token budget that cut the micro-batches;
+    - ``"seq-mean-token-sum-norm"``: its rows over the batch's, empty ones included.
+    """
+    if mode == "token-mean":
+        return float(micro_mask.sum()) / max(float(batch_mask.sum()), 1.0)
+    if mode == "seq-mean-token-mean":
+        return float((micro_mask.sum(-1) > 0).sum()) / max(float((batch_mask.sum(-1) > 0).sum()), 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return micro_mask.shape[0] / max(batch_mask.shape[0], 1)
+    raise ValueError(f"unknown aggregation mode {mode!r}")
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,

@@ -27,7 +27,7 @@ from r1v3.rewards import load_reward
 from r1v3.rl import prefix
 from r1v3.rl.advantages import group_advantages, zero_variance_groups
 from r1v3.rl.entropy import entropy_from_logits, masked_mean
-from r1v3.rl.losses import aggregate, kl_penalty, policy_loss, sequence_kl
+from r1v3.rl.losses import aggregate, kl_penalty, micro_batch_share, policy_loss, sequence_kl
 from r1v3.rl.rollout import HFGenerateEngine, Prompt, Rollouts, SamplingConfig
 from r1v3.rl.vllm_engine import INSTALL_HINT, VLLMConfig, vllm_available
 from r1v3.stages.base import OptimizerConfig, R1V3Module
@@ -272,7 +272,6 @@ class GRPOStage(R1V3Module):
                 chunks += [rows[:0]] * (hp.mini_batches - len(chunks))
             for mb in chunks:
                 opt.zero_grad()
-                mb_seqs, mb_tokens = len(mb), float(loss_mask[mb].sum())
                 for micro, real in self.synced_micro_batches(prompts, rollouts, mb):
                     t0 = time.perf_counter()
                     logp, entropy = self.policy_logprobs(prompts, rollouts, micro, with_grad=True)
@@ -289,8 +288,7 @@ class GRPOStage(R1V3Module):
                         kl = kl_penalty(logp, ref_logp[micro], hp.kl_estimator)
                         loss = loss + hp.kl_coef * aggregate(kl, mask, hp.loss_agg,
                                                              norm_length=self.sampling.max_new_tokens)
-                    # Each micro-batch's share of the mini-batch mean.
-                    share = float(mask.sum()) / max(mb_tokens, 1.0) if hp.loss_agg == "token-mean" else len(micro) / mb_seqs
+                    share = micro_batch_share(mask, loss_mask[mb], hp.loss_agg)
                     t0 = time.perf_counter()
                     self.manual_backward(loss * share)
                     t_backward += time.perf_counter() - t0
