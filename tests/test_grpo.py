@@ -1,5 +1,6 @@
 """GRPO stage on real tiny models: rollouts, log-prob agreement, gradients and freeze plans."""
 
+import pytest
 import torch
 from lightning.pytorch import Trainer
 
@@ -196,3 +197,37 @@ def test_micro_batch_cut_leaves_the_gradient_unchanged(tiny_dirs, synth_dir):
     assert whole.norm() > 0
     # fp32: the two differ only by summation order (observed ~1e-7)
     assert float((split - whole).norm() / whole.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}])
+def test_checkpoint_generation_settings_do_not_reach_rollouts(tiny_dirs, synth_dir, tmp_path, setting, caplog):
+    # Released checkpoints ship sampling settings in generation_config.json. transformers applies
+    # them to any generate call that leaves them unset, and the trainer scores the plain softmax:
+    # greedy rollouts must be the trainer's argmax at every position.
+    import json
+    import shutil
+
+    from r1v3.rl import prefix
+
+    model_dir = shutil.copytree(tiny_dirs["qwen2_5_vl"], tmp_path / "released")
+    config_file = model_dir / "generation_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | setting))
+    with caplog.at_level("WARNING"):
+        stage = GRPOStage(str(model_dir), sampling=SamplingConfig(n=2, max_new_tokens=16),
+                          reward_fn="test_grpo.length_reward", rollout_log_every=0)
+        stage.setup("fit")
+        stage.configure_model()
+    assert any(next(iter(setting)) in r.getMessage() and "ignores" in r.getMessage() for r in caplog.records)
+    data = WebDataModule(train=str(synth_dir / "train"), batch_size=2)
+    data.processor, data.collate_mode = stage.processor, "prompt"
+    data.setup("fit")
+    meta = next(iter(data.train_dataloader()))["meta"]
+    prompts = [Prompt(t, i) for t, i in zip(meta["prompt_text"], meta["pil_images"])]
+    greedy = stage.engine.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_new_tokens=16))
+    with torch.no_grad():
+        logits = prefix.rows_completion_logits(stage.model, stage.encoder, prompts, [0, 1], greedy.completion_ids,
+                                               greedy.completion_mask, stage.tokenizer.pad_token_id, "cpu")
+    mask = greedy.completion_mask.bool()
+    assert mask.sum() >= 16
+    assert torch.equal(logits.argmax(-1)[mask], greedy.completion_ids[mask])
+    assert stage.model.generation_config.to_diff_dict().items() >= setting.items(), "the export keeps them"

@@ -25,14 +25,20 @@ def prompts_for(processor, n=2):
                    [Image.new("RGB", (64, 64), colours[i % 4])]) for i in range(n)]
 
 
-def build_pair(family, tmp_path, trainable=None):
-    """A tiny model dir, a GRPO stage on it (HF engine) and a vLLM engine from the same dir."""
+def build_pair(family, tmp_path, trainable=None, generation=None):
+    """A tiny model dir, a GRPO stage on it (HF engine) and a vLLM engine from the same dir.
+    ``generation`` adds settings to the dir's generation_config.json, as released checkpoints have."""
+    import json
+
     from r1v3 import backbone as bb
     from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine, vllm_name_mapper
     from r1v3.stages.grpo import GRPOStage
     from r1v3.tiny import build_tiny
 
     model_dir = build_tiny(family, tmp_path / family)
+    if generation:
+        config_file = model_dir / "generation_config.json"
+        config_file.write_text(json.dumps(json.loads(config_file.read_text()) | generation))
     kwargs = {"trainable": trainable} if trainable else {}
     stage = GRPOStage(str(model_dir), **kwargs)
     stage.setup("fit")
@@ -71,6 +77,15 @@ def test_greedy_parity_after_sync(family, tmp_path):
     stats = engine.sync_weights(stage.model, stage.trainable)
     assert stats["tensors"] == sum(1 for p in stage.model.parameters() if p.requires_grad)
     assert greedy(engine, prompts) == greedy(stage.engine, prompts), "parity after sync"
+
+
+def test_checkpoint_generation_settings_do_not_reach_vllm(tmp_path):
+    # vLLM reads generation_config.json as its sampling defaults unless told not to; the trainer
+    # scores the plain softmax, so greedy rollouts must equal the HF engine's (which the core tier
+    # checks against the trainer's argmax) despite the checkpoint's repetition_penalty.
+    stage, engine = build_pair("qwen2_5_vl", tmp_path, generation={"repetition_penalty": 1.3})
+    prompts = prompts_for(stage.processor)
+    assert greedy(engine, prompts, n_tokens=24) == greedy(stage.engine, prompts, n_tokens=24)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl"])

@@ -6,12 +6,16 @@ slots in beside the HF ``generate`` engine without touching the stage.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
 
 from r1v3.rl import prefix
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +77,48 @@ class RolloutEngine(Protocol):
         ...
 
 
+# Entries of a checkpoint's generation config that say nothing about the sampling distribution.
+_NOT_SAMPLING = {"transformers_version", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                 "max_length", "max_new_tokens", "use_cache", "return_dict_in_generate", "output_logits"}
+
+
+def checkpoint_sampling_settings(generation_config) -> dict:
+    """The settings of a checkpoint's ``generation_config.json`` (a ``GenerationConfig`` or None)
+    that would change what a rollout samples: ``repetition_penalty``, ``min_p``,
+    ``no_repeat_ngram_size``, a temperature, … Released instruct checkpoints ship such settings."""
+    if generation_config is None:
+        return {}
+    return {k: v for k, v in generation_config.to_diff_dict().items() if k not in _NOT_SAMPLING}
+
+
+def warn_ignored_settings(settings: dict, engine: str) -> None:
+    if settings:
+        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
+        log.warning("[r1v3] the %s engine ignores the checkpoint's generation settings (%s): rollouts sample the "
+                    "plain temperature-scaled distribution the trainer scores; set sampling.* instead", engine, listed)
+
+
+@contextmanager
+def own_generation_config(model: torch.nn.Module, tokenizer: Any):
+    """Run ``generate`` under a generation config r1v3 builds, not the checkpoint's.
+
+    transformers fills every setting a ``generate`` call leaves unset from ``model.generation_config``,
+    so a checkpoint's ``repetition_penalty`` or ``no_repeat_ngram_size`` would reshape the sampling
+    distribution while the trainer scores the plain one: samples trained as on-policy that are not
+    (measured: with ``repetition_penalty=1.3`` greedy rollouts matched the trainer's argmax at 21 of
+    32 positions). The checkpoint's config is restored afterwards, so exports keep it.
+    """
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class HFGenerateEngine:
     """Rollouts from ``generate`` on the policy itself: batched, left-padded, with KV cache.
 
@@ -85,6 +131,7 @@ class HFGenerateEngine:
         self.model, self.encoder, self.tokenizer = model, encoder, tokenizer
         self.max_batch_rows = max_batch_rows
         self.suppress_tokens = list(suppress_tokens)  # image placeholders must never be generated
+        warn_ignored_settings(checkpoint_sampling_settings(getattr(model, "generation_config", None)), "HF")
 
     def sync_weights(self, model: torch.nn.Module, groups: Sequence[str] | None = None) -> dict:
         self.model = model
@@ -137,9 +184,10 @@ class HFGenerateEngine:
             inner = getattr(self.model, "model", None)
             if hasattr(inner, "rope_deltas"):  # multimodal RoPE: generate continues from these offsets
                 inner.rope_deltas = (following - tokens["attention_mask"][:, :-1].sum(1))[index, None]
-            out = self.model.generate(input_ids=tokens["input_ids"][index],
-                                      attention_mask=tokens["attention_mask"][index], past_key_values=cache,
-                                      **kwargs)
+            with own_generation_config(self.model, self.tokenizer):
+                out = self.model.generate(input_ids=tokens["input_ids"][index],
+                                          attention_mask=tokens["attention_mask"][index], past_key_values=cache,
+                                          **kwargs)
         finally:
             self.model.train(was_training)
         completion = out.sequences[:, tokens["input_ids"].shape[1]:].cpu()

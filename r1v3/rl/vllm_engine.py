@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig
+from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig, checkpoint_sampling_settings, warn_ignored_settings
 from r1v3.rl.weight_sync import bucketize, trainable_state
 
 INSTALL_HINT = ("the vLLM rollout engine needs vLLM: on GPUs `pip install 'r1v3[vllm]'`; on CPU run "
@@ -95,9 +95,13 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError:
             raise RuntimeError(INSTALL_HINT) from None
+        # generation_config="vllm": the checkpoint's generation_config.json (repetition_penalty,
+        # min_p, …) must not become the engine's sampling defaults; rollouts sample the plain
+        # temperature-scaled distribution that the trainer scores.
+        warn_ignored_settings(checkpoint_sampling_settings(_generation_config(model_dir)), "vLLM")
         kwargs = dict(model=str(model_dir), seed=seed, max_model_len=config.max_model_len,
                       limit_mm_per_prompt={"image": config.max_images_per_prompt},
-                      tensor_parallel_size=config.tensor_parallel_size)
+                      tensor_parallel_size=config.tensor_parallel_size, generation_config="vllm")
         if on_gpu:
             kwargs.update(dtype=config.dtype, enforce_eager=config.enforce_eager,
                           gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.sleep_mode)
@@ -179,6 +183,15 @@ class VLLMEngine:
     def wake(self) -> None:
         if self.on_gpu and self.config.sleep_mode:
             self.llm.wake_up()
+
+
+def _generation_config(model_dir: str):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # the file is optional
+        return None
 
 
 def vllm_name_mapper(family: str) -> Callable[[str], str]:

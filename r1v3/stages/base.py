@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from r1v3 import backbone as bb
 from r1v3 import fsdp
 from r1v3.logprobs import gather_logprobs
+from r1v3.rl.rollout import own_generation_config
 from r1v3.stages.in_backward import OptimizerInBackward
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,10 @@ class R1V3Module(LightningModule):
         sampling.setdefault("do_sample", False)
         if fsdp.synced_generate(self.model):  # every decoding step of a sharded model is a collective
             sampling.setdefault("synced_gpus", True)
-        out = self.model.generate(**prompt, **images, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                  pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=self.tokenizer.eos_token_id, **sampling)
+        with own_generation_config(self.model, self.tokenizer):  # the checkpoint's penalties do not apply
+            out = self.model.generate(**prompt, **images, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=self.tokenizer.eos_token_id, **sampling)
         self.model.train(was_training)
         completion = out[:, prompt["input_ids"].shape[1]:]
         return completion, self.tokenizer.batch_decode(completion, skip_special_tokens=True)
