@@ -31,6 +31,20 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def uneven_dir(tmp_path_factory):
+    """8 colour questions whose traces alternate between a few target tokens and ~10x more."""
+    from r1v3.data_modules.shards import write_shards
+    from r1v3.data_modules.synthetic import generate
+
+    long = "I count the shapes one by one and check each colour twice before I answer. " * 4
+    samples = [dict(s, id=f"u{i:03d}", trace="One." if i % 2 else long)
+               for i, s in enumerate(generate(8, ("colour",), seed=1))]
+    out = tmp_path_factory.mktemp("uneven")
+    write_shards(samples, str(out / "train-%06d.tar"), maxcount=1000)
+    return out
+
+
+@pytest.fixture(scope="session")
 def internvl_processor(tiny_dirs):
     from r1v3.backbone import load_processor
 

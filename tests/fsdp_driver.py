@@ -4,7 +4,8 @@
 
 Lightning's launcher starts the other ranks by re-running this command line. Every rank writes
 ``<out>/rank<r>.json``: per-step losses and label-token counts, parameter types, shard sizes,
-optimizer updates and micro-batch padding; rank 0 also saves the gathered full weights.
+optimizer updates and micro-batch padding; rank 0 also saves the gathered full weights and, on
+request, the first step's full gradient.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def length_reward(items):
 
 
 class Recorder(Callback):
-    def __init__(self):
+    def __init__(self, record_grads: str | None = None):
+        self.record_grads, self.recorded = record_grads, False
         self.steps: list[dict] = []
         self.param_types: list[str] = []
         self.local_numel = self.full_numel = 0
@@ -42,6 +44,14 @@ class Recorder(Callback):
         self.full_numel = sum(p.numel() for p in params)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.record_grads and trainer.global_step == 1 and not self.recorded:
+            # After optimizer.step Lightning keeps the gradients until the next window's first
+            # backward: this is what step 1 applied. Gathering a DTensor is a collective (all ranks).
+            grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                     for p in module.model.parameters() if p.grad is not None]
+            if trainer.global_rank == 0:
+                torch.save(torch.cat([g.flatten() for g in grads]), self.record_grads)
+            self.recorded = True
         row = {"global_step": trainer.global_step}
         if isinstance(outputs, dict) and "loss" in outputs:
             row["loss"] = float(outputs["loss"])
@@ -86,7 +96,7 @@ def main(spec_path: str) -> None:
         strategy = fsdp.FSDP1Strategy()
     else:
         strategy = "auto"
-    callbacks = [recorder := Recorder()]
+    callbacks = [recorder := Recorder(str(Path(spec["out"]) / "grads.pt") if spec.get("record_grads") else None)]
     if spec.get("ckpt_dir"):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -95,6 +105,7 @@ def main(spec_path: str) -> None:
     trainer = Trainer(accelerator="cpu", devices=spec.get("devices", 1), strategy=strategy,
                       max_steps=spec["max_steps"], logger=False, enable_checkpointing=bool(spec.get("ckpt_dir")),
                       callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                      accumulate_grad_batches=spec.get("accumulate", 1),
                       limit_val_batches=1 if spec.get("val") else 0, val_check_interval=spec.get("val_every"),
                       check_val_every_n_epoch=None if spec.get("val_every") else 1,
                       num_sanity_val_steps=0, log_every_n_steps=1)

@@ -126,6 +126,25 @@ def test_sharded_sft_matches_single_process(tmp_path, tiny_dirs, equal_length_di
 
 
 @pytest.mark.slow
+def test_sharded_sft_gradient_is_the_mean_over_all_target_tokens(tmp_path, tiny_dirs, uneven_dir):
+    # Rows of ~10x different target lengths: FSDP's average of two ranks' own token means would
+    # weigh the short rows' tokens more. The step's gradient must be the mean over both ranks'
+    # targets, which is the single process's gradient on the same 4 rows; and under accumulation
+    # too (2 ranks x 2 micro-batches of 1 row against 1 process x 4 rows).
+    common = dict(stage="sft", model=str(tiny_dirs["internvl"]), train=str(uneven_dir), max_steps=1,
+                  record_grads=True)
+    single = launch(tmp_path / "single", devices=1, strategy="none", batch_size=4, **common)[0]
+    reference = torch.load(tmp_path / "single" / "grads.pt")
+    for name, batch, accumulate in (("sharded", 2, 1), ("accumulated", 1, 2)):
+        ranks = launch(tmp_path / name, batch_size=batch, accumulate=accumulate, **common)
+        per_rank = [sum(s["tokens"] for s in r["steps"]) for r in ranks]
+        assert sum(per_rank) == single["steps"][0]["tokens"] and max(per_rank) > 1.5 * min(per_rank)
+        grad = torch.load(tmp_path / name / "grads.pt")
+        # fp32: only the summation and reduction order differ (observed ~1e-7)
+        assert float((grad - reference).norm() / reference.norm()) < 1e-5, name
+
+
+@pytest.mark.slow
 def test_export_from_sharded_run_loads_in_transformers(tiny_dirs, sharded_sft):
     from transformers import AutoModelForImageTextToText
 

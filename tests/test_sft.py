@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 from r1v3.data_modules.webdata import WebDataModule
 from r1v3.stages.base import OptimizerConfig
@@ -75,3 +75,38 @@ def test_wandb_offline_logger(tiny_dirs, synth_dir, tmp_path, monkeypatch):
     fit(tiny_dirs, synth_dir, 2, logger=logger)
     logger.experiment.finish()
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+class FirstStepGradient(Callback):
+    """The gradient the first optimizer step applied, with the ids and target counts it saw. After
+    ``optimizer.step`` Lightning keeps the gradients until the next window's first backward."""
+
+    def __init__(self):
+        self.grad, self.ids, self.tokens = None, [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.ids += batch["meta"]["id"]
+        self.tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
+        if trainer.global_step == 1 and self.grad is None:
+            self.grad = torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None])
+
+
+def first_step_gradient(tiny_dirs, data_dir, batch_size, accumulate):
+    stage = SFTStage(str(tiny_dirs["internvl"]), val_generate=False)
+    record = FirstStepGradient()
+    trainer = Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, callbacks=[record])
+    trainer.fit(stage, datamodule=WebDataModule(train=str(data_dir), batch_size=batch_size))
+    return record
+
+
+def test_accumulation_gives_the_one_batch_gradient(tiny_dirs, uneven_dir):
+    # The step's gradient is that of the mean over all its target tokens, however the batch is cut:
+    # averaging the two halves' own means would weigh the short rows' tokens ~10x more.
+    whole = first_step_gradient(tiny_dirs, uneven_dir, batch_size=4, accumulate=1)
+    split = first_step_gradient(tiny_dirs, uneven_dir, batch_size=2, accumulate=2)
+    assert split.ids == whole.ids
+    assert max(split.tokens) > 3 * min(split.tokens), "the halves must differ in target tokens"
+    # fp32, same rows: only the summation order differs (observed ~1e-7)
+    assert float((split.grad - whole.grad).norm() / whole.grad.norm()) < 1e-5

@@ -3,6 +3,12 @@
 The loss covers the assistant's tokens only; the collator masks prompt, image placeholders and
 padding with -100. Validation reports the loss and, from greedy generations, answer accuracy and
 the share of well-formed ``<think>…</think>`` responses.
+
+The gradient of an optimizer step is that of the mean over every target token of the step: all
+micro-batches of the accumulation window, on all ranks. Averaging each micro-batch's own mean
+instead (Lightning's default) weighs a short row's tokens more, and then the update depends on how
+a batch is split (rows of 133 and 14 targets: 9.5x). The HF Trainer and TRL normalise the same way
+(``num_items_in_batch``, ``average_tokens_across_devices``).
 """
 
 from __future__ import annotations
@@ -57,9 +63,43 @@ class SFTStage(R1V3Module):
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
         self.val_format = MeanMetric()
+        self._micro_tokens = 0  # target tokens of the micro-batch in flight
+        self._window_tokens = 0  # target tokens of this accumulation window, on this rank
 
     def supervised_loss(self, batch: dict) -> torch.Tensor:
+        """Mean NLL over the batch's target tokens."""
         return self(batch["inputs"], batch["images"], labels=batch["labels"], use_cache=False).loss
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        # ``loss`` is this micro-batch's token mean over k (Lightning divides by the accumulation
+        # window k), and the strategy averages gradients over the W ranks. Re-weighted by its
+        # target tokens n, the step's gradient becomes Σ ∇(token sums) / (k·W), which
+        # ``on_before_optimizer_step`` turns into the token mean once the window's total is known.
+        # Without accumulation the total is known now, so the weight is exact here already (and
+        # ``optimizer.in_backward``, which steps inside this backward, sees the final gradient).
+        n = self._micro_tokens
+        k, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        if k == 1:
+            total = self.trainer.strategy.reduce(torch.tensor(float(n), device=self.device), reduce_op="sum") \
+                if world > 1 else n
+            weight = n * world / max(float(total), 1.0)
+        else:
+            self._window_tokens += n
+            weight = float(n)
+        super().backward(loss * weight, *args, **kwargs)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        k, window = self.trainer.accumulate_grad_batches, self._window_tokens
+        self._window_tokens = 0
+        if k > 1 and window:
+            world = self.trainer.world_size
+            total = float(self.trainer.strategy.reduce(torch.tensor(float(window), device=self.device),
+                                                       reduce_op="sum")) if world > 1 else window
+            scale = k * world / max(total, 1.0)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        super().on_before_optimizer_step(optimizer)
 
     def training_step(self, batch: dict, batch_idx: int):
         self.count_skips(batch)
@@ -72,6 +112,7 @@ class SFTStage(R1V3Module):
                 self.skip_nonfinite("loss")
             return None
         n = batch["inputs"]["input_ids"].shape[0]
+        self._micro_tokens = target_tokens(batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         self.log_throughput(int(batch["inputs"]["attention_mask"].sum()))
@@ -80,8 +121,7 @@ class SFTStage(R1V3Module):
     def validation_step(self, batch: dict, batch_idx: int):
         if batch.get("inputs") is None:
             return
-        n = batch["inputs"]["input_ids"].shape[0]
-        self.val_loss.update(self.supervised_loss(batch), weight=n)
+        self.val_loss.update(self.supervised_loss(batch), weight=target_tokens(batch["labels"]))
         if self.val_generate:
             _, texts = self.generate(batch["prompt"], batch["images"])
             meta = batch["meta"]
@@ -112,3 +152,9 @@ class SFTStage(R1V3Module):
         _, texts = self.generate(batch["prompt"], batch["images"])
         return [{"id": i, "response": t, "answer": a, "correct": is_correct(t, a, o)}
                 for i, t, a, o in zip(batch["meta"]["id"], texts, batch["meta"]["answer"], batch["meta"]["options"])]
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal LM loss scores: label t is predicted at position t-1, so the first column
+    never counts (transformers shifts the labels the same way)."""
+    return int((labels[:, 1:] != -100).sum())
