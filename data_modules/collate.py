@@ -13,43 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-import torch
-
 from r1v3 import chat
-
-IGNORE_INDEX = -100
-# Processor outputs laid out per text token; everything else is image data.
-_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-
-
-class PromptTooLongError(ValueError):
-    pass
-
-
-def family_of(processor) -> str:
-    name = type(processor).__name__.lower()
-    for family in ("internvl", "qwen2_5_vl", "qwen2vl", "llava"):
-        if family.replace("_", "") in name.replace("_", ""):
-            return family
-    return "other"
-
-
-def image_kwargs(family: str, min_pixels: int | None, max_pixels: int | None,
-                 max_tiles: int | None) -> dict:
-    """Per-family resolution controls, passed to every processor call."""
-    if family == "internvl":
-        # InternVL tiles small images into many crops unless told not to (DESIGN §2).
-        if max_tiles and max_tiles > 1:
-            return {"crop_to_patches": True, "max_patches": max_tiles}
-        return {"crop_to_patches": False}
-    if family in ("qwen2_5_vl", "qwen2vl") and (min_pixels or max_pixels):
-        size = {}
-        if min_pixels:
-            size["shortest_edge"] = min_pixels
-        if max_pixels:
-            size["longest_edge"] = max_pixels
-        return {"size": size}
-    return {}
+# Re-exported: these lived here before the encoding layer moved to r1v3.encoding.
+from r1v3.encoding import (IGNORE_INDEX, TOKEN_KEYS, PromptEncoder, PromptTooLongError,  # noqa: F401
+                           append_targets, family_of, image_kwargs, split_encoding)
 
 
 @dataclass
@@ -69,15 +36,14 @@ class VLMCollator:
     max_tiles: int | None = None
     shuffle_images: bool = False  # control runs: pair each question with another sample's images
     seed: int = 0
-    _image_kwargs: dict = field(init=False, repr=False)
+    encoder: PromptEncoder = field(init=False, repr=False)
 
     def __post_init__(self):
-        self._image_kwargs = image_kwargs(family_of(self.processor), self.min_pixels,
-                                          self.max_pixels, self.max_tiles)
+        self.encoder = PromptEncoder(self.processor, self.min_pixels, self.max_pixels, self.max_tiles)
 
     @property
     def tokenizer(self):
-        return getattr(self.processor, "tokenizer", self.processor)
+        return self.encoder.tokenizer
 
     def __call__(self, samples: Sequence[dict], skipped: Counter | None = None) -> dict:
         skipped = Counter() if skipped is None else skipped
@@ -89,9 +55,15 @@ class VLMCollator:
         prompts = [chat.render_prompt(self.processor, s["question"], len(s["images"]),
                                       system=self.system_prompt, options=s.get("options"))
                    for s in samples]
-        enc = self._encode(prompts, [s["images"] for s in samples])
-        lengths = enc["attention_mask"].sum(1)
-        too_long = (lengths > self.max_prompt_length).tolist()
+        if self.mode == "prompt":
+            # Each prompt alone, each image processed once: rollouts, log-prob passes and monitors
+            # build every batch they need from these tensors (r1v3.encoding).
+            encoded = self.encoder.encode_each(prompts, [s["images"] for s in samples])
+            lengths = [encoded.length(i) for i in range(len(encoded))]
+        else:
+            enc = self.encoder.encode(prompts, [s["images"] for s in samples])
+            lengths = enc["attention_mask"].sum(1).tolist()
+        too_long = [n > self.max_prompt_length for n in lengths]
         if any(too_long):
             if self.on_overlong == "error":
                 i = too_long.index(True)
@@ -106,10 +78,17 @@ class VLMCollator:
             if not samples:
                 return {"inputs": None, "meta": {}, "skipped": dict(skipped)}
             prompts = [prompts[i] for i in keep]
-            enc = self._encode(prompts, [s["images"] for s in samples])
+            if self.mode == "prompt":
+                encoded = encoded.select(keep)
+            else:
+                enc = self.encoder.encode(prompts, [s["images"] for s in samples])
+        if self.mode == "prompt":
+            tokens, images = encoded.batch()
+        else:
+            tokens, images = split_encoding(enc)
         batch = {
-            "prompt": {k: v for k, v in enc.items() if k in _TOKEN_KEYS},
-            "images": {k: v for k, v in enc.items() if k not in _TOKEN_KEYS},
+            "prompt": tokens,
+            "images": images,
             "meta": {key: [s.get(key) for s in samples]
                      for key in ("id", "question", "answer", "options", "subject", "difficulty")},
             "skipped": dict(skipped),
@@ -122,53 +101,15 @@ class VLMCollator:
                                                                  self.tokenizer.pad_token_id)
         else:
             batch["inputs"] = batch["prompt"]
-            # Rollout engines re-encode raw prompts (vLLM takes text + PIL images; GRPO repeats
-            # each prompt G times), so the raw material travels with the batch.
+            batch["encoded"] = encoded
+            # vLLM takes text + PIL images and runs its own processor, so the raw prompts travel too.
             batch["meta"]["prompt_text"] = prompts
             batch["meta"]["pil_images"] = [s["images"] for s in samples]
         return batch
 
     def encode_prompts(self, texts: list[str], images: list[list]) -> tuple[dict, dict]:
         """Rendered prompt texts + their images → (token tensors, image tensors), left-padded."""
-        enc = self._encode(texts, images)
-        return ({k: v for k, v in enc.items() if k in _TOKEN_KEYS},
-                {k: v for k, v in enc.items() if k not in _TOKEN_KEYS})
+        return self.encoder.encode_prompts(texts, images)
 
-    def _encode(self, texts: list[str], images: list[list]) -> dict:
-        flat = [img for imgs in images for img in imgs]
-        kwargs = dict(text=texts, padding=True, padding_side="left", return_tensors="pt")
-        if flat:
-            kwargs["images"] = images
-            kwargs.update(self._image_kwargs)
-        return dict(self.processor(**kwargs))
-
-
-
-def append_targets(prompt: dict, target_ids: Sequence[Sequence[int]], pad_id: int):
-    """Concatenate each unpadded (left-padded) prompt row with its target ids, then right-pad.
-
-    Returns (inputs, labels, target_start): labels are -100 outside the targets; target_start[i]
-    is the index of row i's first target token.
-    """
-    mask = prompt["attention_mask"].bool()
-    dtype = prompt["input_ids"].dtype
-    rows = {k: [] for k in prompt}
-    labels, starts = [], []
-    for i, tgt in enumerate(target_ids):
-        tgt = torch.as_tensor(list(tgt), dtype=dtype)
-        for key, value in prompt.items():
-            fill = tgt if key == "input_ids" else (
-                torch.ones_like(tgt) if key == "attention_mask" else torch.zeros_like(tgt))
-            rows[key].append(torch.cat([value[i][mask[i]], fill.to(value.dtype)]))
-        starts.append(int(mask[i].sum()))
-        labels.append(torch.cat([torch.full((starts[-1],), IGNORE_INDEX, dtype=dtype), tgt]))
-    width = max(len(r) for r in labels)
-
-    def pad(seqs, value):
-        out = torch.full((len(seqs), width), value, dtype=seqs[0].dtype)
-        for i, s in enumerate(seqs):
-            out[i, :len(s)] = s
-        return out
-
-    inputs = {k: pad(v, pad_id if k == "input_ids" else 0) for k, v in rows.items()}
-    return inputs, pad(labels, IGNORE_INDEX), torch.tensor(starts)
+    def encode_each(self, texts, images):
+        return self.encoder.encode_each(texts, images)

@@ -18,12 +18,14 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from transformers import InternVLProcessor, Qwen2_5_VLProcessor
 
+from r1v3.errors import UserError
+
 log = logging.getLogger(__name__)
 
 GROUP_NAMES = ("vision", "connector", "llm")
 
 # Parameter-name prefixes per family, for transformers' own model classes
-# (AutoModelForImageTextToText). Connector paths: DESIGN.md §2.
+# (AutoModelForImageTextToText). Connector paths: docs/design.md §2.
 FAMILY_GROUPS: dict[str, dict[str, list[str]]] = {
     "internvl": {
         "vision": ["model.vision_tower."],
@@ -47,8 +49,8 @@ TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": tor
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-class BackboneError(ValueError):
-    """A configuration problem the user can fix; its message says how."""
+class BackboneError(UserError):
+    """A model or freeze-plan setting the user can fix; its message says how."""
 
 
 class InternVLProcessorNoVideo(InternVLProcessor):

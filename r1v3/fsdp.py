@@ -2,7 +2,7 @@
 configuration for GPU users.
 
 FSDP2 shards every parameter as a DTensor over the data-parallel ranks; each transformer block is
-one all-gather/reduce-scatter unit. It runs on CPU with gloo (DESIGN §2), which is how the tests
+one all-gather/reduce-scatter unit. It runs on CPU with gloo (docs/design.md §2), which is how the tests
 exercise it; FSDP1 (``FSDPStrategy``) needs CUDA.
 
 Every forward/backward of a sharded module is a collective: all ranks must run the same number of
@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from r1v3.backbone import BackboneError
+from r1v3.distributed import is_sharded, max_over_ranks, synced_generate, world_size  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def keep_vision_in_step(model: torch.nn.Module, processor: Any) -> None:
     """Run the vision tower on forwards without images, at the point where it would have run.
 
     A batch without images skips the vision tower, whose blocks are FSDP units, so that rank's
-    all-gathers would pair with another rank's vision all-gathers and hang (DESIGN §3). For such a
+    all-gathers would pair with another rank's vision all-gathers and hang (docs/design.md §3). For such a
     forward (any training forward, or a generation prefill) the vision tower encodes one blank
     image just before the language model runs, and 0 × its output joins the language model's
     input, so its backward (gradient reduce-scatters) runs as well.
@@ -250,14 +251,14 @@ def keep_vision_in_step(model: torch.nn.Module, processor: Any) -> None:
     from PIL import Image
 
     from r1v3.chat import render_prompt
-    from r1v3.data_modules.collate import VLMCollator
+    from r1v3.encoding import PromptEncoder
 
     base = getattr(model, "base_model", model)
     language_model = getattr(base, "language_model", None)
     if language_model is None or not hasattr(base, "get_image_features"):
         log.warning("%s: cannot locate its language model; batches without images may hang", type(model).__name__)
         return
-    _, blank = VLMCollator(processor, mode="prompt").encode_prompts(
+    _, blank = PromptEncoder(processor).encode_prompts(
         [render_prompt(processor, "<image>", 1)], [[Image.new("RGB", (32, 32), (255, 255, 255))]])
     pending = {}
 
@@ -294,34 +295,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
-
-
-def is_sharded(model: torch.nn.Module | None) -> bool:
-    """FSDP2 (``fully_shard``) or FSDP1 (wrapped blocks) anywhere in ``model``."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return model is not None and any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
-
-
-def world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def synced_generate(model: torch.nn.Module) -> bool:
-    """HF ``generate`` must keep every rank stepping until all are done when the weights are
-    sharded: each decoding step is an all-gather (transformers only detects its own FSDP wrapping)."""
-    return is_sharded(model) and world_size() > 1
-
-
-def max_over_ranks(value: int, model: torch.nn.Module | None, device: torch.device | str = "cpu") -> int:
-    """The largest ``value`` over all ranks if ``model`` is sharded over several processes (so its
-    forward passes are collectives every rank must join), else ``value``. A collective itself then."""
-    if world_size() == 1 or not is_sharded(model):
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)  # nccl reduces device tensors only
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

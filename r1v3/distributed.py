@@ -1,0 +1,38 @@
+"""Rank helpers that the rollout, log-prob and update code need without the FSDP strategy itself.
+
+Every forward/backward of a sharded module is a collective: all ranks must run the same number of
+them, in the same order. These helpers tell whether a model is sharded and let ranks agree on counts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+
+
+def is_sharded(model: torch.nn.Module | None) -> bool:
+    """FSDP2 (``fully_shard``) or FSDP1 (wrapped blocks) anywhere in ``model``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return model is not None and any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def synced_generate(model: torch.nn.Module) -> bool:
+    """HF ``generate`` must keep every rank stepping until all are done when the weights are
+    sharded: each decoding step is an all-gather (transformers only detects its own FSDP wrapping)."""
+    return is_sharded(model) and world_size() > 1
+
+
+def max_over_ranks(value: int, model: torch.nn.Module | None, device: torch.device | str = "cpu") -> int:
+    """The largest ``value`` over all ranks if ``model`` is sharded over several processes (so its
+    forward passes are collectives every rank must join), else ``value``. A collective itself then."""
+    if world_size() == 1 or not is_sharded(model):
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)  # nccl reduces device tensors only
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
