@@ -79,7 +79,7 @@ def group_std(G: int) -> float:
 
 def prepare(args, family: str) -> tuple[Path, Path]:
     from r1v3.data_modules.synthetic import write_synthetic
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     work = Path(args.workdir)
     model_dir, data_dir = work / f"{family}-{args.size}", work / "data"
@@ -153,7 +153,7 @@ def run_r1v3(args, model_dir: Path, data_dir: Path, engine: str) -> dict:
             m = trainer.callback_metrics
             row = {k: float(m[f"train/{k}"]) for k in PHASES if f"train/{k}" in m}
             row["other_s"] = step_s - sum(row.values())
-            row["step_s"], row["tokens"] = step_s, float(stage.last_rollouts[1].completion_mask.sum())
+            row["step_s"], row["tokens"] = step_s, float(stage.last_rollouts.rollouts.completion_mask.sum())
             row["reward_group_std"] = group_std(args.group_size)
             self.rows.append(row)
             self.questions += batch["meta"]["question"]
@@ -256,7 +256,7 @@ def run_trl(args, model_dir: Path, data_dir: Path) -> dict:
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"})
     torch.manual_seed(0)
     # The processor comes from r1v3's loader only because AutoProcessor insists on a video
-    # processor that needs torchvision (absent here, DESIGN §2); the model is loaded by TRL.
+    # processor that needs torchvision (absent here, docs/design.md §2); the model is loaded by TRL.
     trainer = TimedGRPO(model=str(model_dir), reward_funcs=trl_reward, args=config, train_dataset=dataset,
                         processing_class=load_processor(model_dir))
     timer = Timer()

@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     from r1v3.rl.rollout import Prompt, SamplingConfig
     from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine, vllm_name_mapper
     from r1v3.stages.grpo import GRPOStage
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-rollout-"))
     model_dir = work / f"{args.family}-{args.size}"
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
             syncs.append(engine.sync_weights(stage.model, None, force=True)["s"])
         rows = torch.arange(rollouts.completion_ids.shape[0])
         t0 = time.perf_counter()
-        logp, _ = stage.policy_logprobs(prompts, rollouts, rows, with_grad=True)
+        logp, _ = stage.policy_logprobs(stage.record(prompts, rollouts), rows, with_grad=True)
         logp.sum().backward()
         update_s = time.perf_counter() - t0
         sync_s = statistics.median(syncs)

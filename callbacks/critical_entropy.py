@@ -2,7 +2,7 @@
 
 The paper reads the policy's entropy where reasoning branches ("Wait", "Alternatively", ...):
 high values mean the model deliberates there, low values that it imitates a style. It gives no
-formula; ours (DESIGN.md §1, README "Critical-token entropy") is the full-vocabulary entropy, in
+formula; ours (docs/design.md §1, docs/monitoring.md) is the full-vocabulary entropy, in
 nats, of the distribution that produced each generated token that begins a trigger word, averaged
 over the rollouts. Triggers are found on decoded text, so any tokenizer works.
 
@@ -98,14 +98,15 @@ class CriticalTokenEntropy(Callback):
         self.high_entropy_threshold, self.max_rollouts = high_entropy_threshold, max_rollouts
         self.history: list[dict] = []  # (step, stats) per measurement, for reports and tests
 
-    def measure(self, pl_module, batches: Sequence[tuple]) -> dict[str, float]:
-        """Stats over ``batches`` of (prompts, rollouts); see :func:`critical_token_stats`."""
+    def measure(self, pl_module, records: Sequence) -> dict[str, float]:
+        """Stats over step records (``StepRollouts``); see :func:`critical_token_stats`."""
         entropies, triggers, budget = [], [], self.max_rollouts
         vocab = None
-        for prompts, rollouts in batches:
+        for record in records:
             if budget <= 0:
                 break
-            entropy, vocab = pl_module.completion_entropy(prompts, rollouts)
+            rollouts = record.rollouts
+            entropy, vocab = pl_module.completion_entropy(record)
             n = min(budget, entropy.shape[0])
             mask = rollouts.completion_mask[:n].bool()
             entropies.append(entropy[:n][mask])  # real tokens only, so batches of any width concatenate
@@ -130,13 +131,12 @@ class CriticalTokenEntropy(Callback):
             trainer.callback_metrics.pop(f"val/{key}", None)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        batches = getattr(pl_module, "val_rollouts", None)
-        if self.on_validation and batches and not trainer.sanity_checking:
-            self._log(trainer, pl_module, "val", self.measure(pl_module, [(p, r) for p, r, *_ in batches]))
+        records = getattr(pl_module, "val_rollouts", None)
+        if self.on_validation and records and not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val", self.measure(pl_module, records))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = self.every_n_train_steps
         step = getattr(pl_module, "last_rollouts", None)
         if n and step is not None and trainer.global_step % n == 0:
-            meta, rollouts, scores, prompts = step
-            self._log(trainer, pl_module, "train", self.measure(pl_module, [(prompts, rollouts)]))
+            self._log(trainer, pl_module, "train", self.measure(pl_module, [step]))

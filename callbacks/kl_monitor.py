@@ -3,7 +3,7 @@
 Skywork-R1V3 trains with β = 0 and one update per rollout batch (arXiv 2507.06167, §3.2), so
 KL(policy‖old) is 0 by construction and the loss never sees a reference. What drifts is the policy
 away from where RL started, so the monitor estimates KL(π‖π_ref) on each measured step's rollouts
-with Schulman's k1, k2 and k3 (http://joschu.net/blog/kl-approx.html; DESIGN.md §1), loading the
+with Schulman's k1, k2 and k3 (http://joschu.net/blog/kl-approx.html; docs/design.md §1), loading the
 reference on the CPU when the loss did not.
 
 The rollouts were sampled from the policy as it stood before the step's update, with the
@@ -56,18 +56,19 @@ class KLMonitor(Callback):
         """Token-mean k1/k2/k3 estimates of KL(π‖π_ref) from samples of π."""
         return {k: float(masked_mean(kl_penalty(logp, ref_logp, k), mask.bool())) for k in ("k1", "k2", "k3")}
 
-    def measure(self, pl_module, prompts, rollouts) -> dict[str, float]:
+    def measure(self, pl_module, step) -> dict[str, float]:
+        """k1/k2/k3 on one step record (``StepRollouts``) against the reference policy."""
         reference = pl_module.reference_model(device=self.reference_device)
         home = next(reference.parameters()).device
         visiting = home != pl_module.device  # a monitoring-only reference is offloaded between uses
         if visiting:
             reference.to(pl_module.device)
         try:
-            ref_logp = pl_module.reference_logprobs(prompts, rollouts, model=reference)
+            ref_logp = pl_module.reference_logprobs(step, model=reference)
         finally:
             if visiting:
                 reference.to(home)
-        return self.estimates(rollouts.logprobs, ref_logp, rollouts.completion_mask)
+        return self.estimates(step.rollouts.logprobs, ref_logp, step.rollouts.completion_mask)
 
     def _check(self, trainer, pl_module, name: str, value: float, limit: float | None, why: str) -> None:
         """Alarm when ``value`` crosses above ``limit``; a signal that stays above it does not
@@ -88,11 +89,10 @@ class KLMonitor(Callback):
             trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step_rollouts = getattr(pl_module, "last_rollouts", None)
-        if step_rollouts is None or trainer.global_step % self.every_n_steps:
+        step = getattr(pl_module, "last_rollouts", None)
+        if step is None or trainer.global_step % self.every_n_steps:
             return
-        meta, rollouts, scores, prompts = step_rollouts
-        kl = self.measure(pl_module, prompts, rollouts)
+        kl = self.measure(pl_module, step)
         self.history.append({"step": trainer.global_step, **kl})
         pl_module.log_dict({f"kl/{k}": v for k, v in kl.items()})
         value = kl[self.alarm_estimator]

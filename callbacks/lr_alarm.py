@@ -91,8 +91,8 @@ class LRInstabilityAlarm(Callback):
         m = trainer.callback_metrics
         metrics = {k: float(m[f"train/{src}"]) for k, src in
                    (("entropy", "entropy"), ("grad_norm", "grad_norm"), ("reward", "reward_mean")) if f"train/{src}" in m}
-        rollouts = getattr(pl_module, "last_rollouts", None)
-        texts = rollouts[1].texts if rollouts else None
+        step = getattr(pl_module, "last_rollouts", None)
+        texts = step.texts if step is not None else None
         fired = self.check(trainer.global_step, metrics, texts)
         # 1 where a signal fired, 0 otherwise: Lightning re-reports a step metric's last value at
         # later logging steps, so a lone 1 would look like a run of alarms.

@@ -1,7 +1,7 @@
 """MMMU-style evaluation: k samples per question, scored and summarised (the pure part of
 :class:`r1v3.stages.evaluate.EvalStage`).
 
-Protocol (Skywork-R1V3, arXiv 2507.06167, §4; DESIGN.md §1): sample k responses per question at
+Protocol (Skywork-R1V3, arXiv 2507.06167, §4; docs/design.md §1): sample k responses per question at
 temperature 1.0 and report the mean accuracy over all samples. A response is correct when its final
 answer (the last ``\\boxed{…}``, or for multiple choice the option letter or the option's text)
 matches the reference by the rules of :mod:`r1v3.rewards.accuracy`, or, for open answers, by
@@ -26,7 +26,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from r1v3.backbone import BackboneError
-from r1v3.callbacks.hallucination import DEFAULT_PHRASES, claim_pattern, has_blind_claim
+from r1v3.rewards.blind_claims import DEFAULT_PHRASES, claim_pattern, has_blind_claim
 from r1v3.chat import THINK_CLOSE, THINK_OPEN
 
 THINKING_MODES = ("slow", "nothink", "nowait")

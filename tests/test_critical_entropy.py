@@ -70,7 +70,7 @@ def test_matches_a_manual_computation_from_the_logits(tiny_dirs, synth_dir):
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     rollouts = Rollouts(ids, mask, torch.zeros(ids.shape), texts, ["stop", "stop"], group_size=1)
 
-    stats = CriticalTokenEntropy().measure(stage, [(prompts, rollouts)])
+    stats = CriticalTokenEntropy().measure(stage, [stage.record(prompts, rollouts)])
 
     # By hand: one forward per prompt + completion; token t's distribution is the logits at t-1.
     manual = []

@@ -53,7 +53,7 @@ def test_engine_logprobs_match_the_trainer(tiny_dirs, synth_dir):
     rollouts = stage.engine.generate(prompts, SamplingConfig(n=3, max_new_tokens=10), seed=1)
     assert rollouts.completion_ids.shape[0] == 6 and len(rollouts.texts) == 6
     assert set(rollouts.finish_reasons) <= {"stop", "length"}
-    logp, entropy = stage.policy_logprobs(prompts, rollouts, torch.arange(6), with_grad=False)
+    logp, entropy = stage.policy_logprobs(stage.record(prompts, rollouts), torch.arange(6), with_grad=False)
     mask = rollouts.completion_mask.bool()
     assert torch.allclose(logp[mask], rollouts.logprobs[mask], atol=1e-4)
     assert (entropy[mask] > 0).all() and (entropy[mask] <= torch.log(torch.tensor(len(stage.tokenizer)))).all()
@@ -181,14 +181,16 @@ def test_micro_batch_cut_leaves_the_gradient_unchanged(tiny_dirs, synth_dir):
     loss_mask = rollouts.completion_mask.float() * (~truncated).float()[:, None]
     advantages = torch.tensor([0.9, -1.2, 0.4, -0.3, 1.1, -0.7, 0.2, -1.4])
     rows = torch.arange(8)
+    step = stage.record(prompts, rollouts)
+    step.advantages, step.loss_mask = advantages, loss_mask
 
     def cuts(budget):
         stage.hparams.micro_batch_tokens = budget
-        return len(list(stage.micro_batches(prompts, rollouts, rows)))
+        return len(stage.micro_batches(step, rows))
 
     def gradient(budget):
         cut = cuts(budget)
-        stage.update(prompts, rollouts, advantages, loss_mask, None, rows)
+        stage.update(step, rows)
         return cut, torch.cat([g.flatten() for g in recorder.grads])
 
     one_cut, whole = gradient(100_000)
@@ -207,7 +209,7 @@ def test_checkpoint_generation_settings_do_not_reach_rollouts(tiny_dirs, synth_d
     import json
     import shutil
 
-    from r1v3.rl import prefix
+    from r1v3.rl import scoring
 
     model_dir = shutil.copytree(tiny_dirs["qwen2_5_vl"], tmp_path / "released")
     config_file = model_dir / "generation_config.json"
@@ -224,9 +226,10 @@ def test_checkpoint_generation_settings_do_not_reach_rollouts(tiny_dirs, synth_d
     meta = next(iter(data.train_dataloader()))["meta"]
     prompts = [Prompt(t, i) for t, i in zip(meta["prompt_text"], meta["pil_images"])]
     greedy = stage.engine.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_new_tokens=16))
-    with torch.no_grad():
-        logits = prefix.rows_completion_logits(stage.model, stage.encoder, prompts, [0, 1], greedy.completion_ids,
-                                               greedy.completion_mask, stage.tokenizer.pad_token_id, "cpu")
+    step = stage.record(prompts, greedy)
+    with torch.no_grad():  # the trainer's greedy choice: the argmax of the logits it scores
+        logits = scoring.prefix.rows_completion_logits(stage.model, step.encoded, [0, 1], greedy.completion_ids,
+                                                       greedy.completion_mask, "cpu")
     mask = greedy.completion_mask.bool()
     assert mask.sum() >= 16
     assert torch.equal(logits.argmax(-1)[mask], greedy.completion_ids[mask])

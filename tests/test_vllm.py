@@ -33,7 +33,7 @@ def build_pair(family, tmp_path, trainable=None, generation=None):
     from r1v3 import backbone as bb
     from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine, vllm_name_mapper
     from r1v3.stages.grpo import GRPOStage
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     model_dir = build_tiny(family, tmp_path / family)
     if generation:
@@ -107,7 +107,7 @@ def test_logprob_gap_small_after_sync_and_large_after_a_corrupt_push(tmp_path):
     engine.sync_weights(stage.model, stage.trainable)
     rollouts = engine.generate(prompts, SamplingConfig(n=2, max_new_tokens=10), seed=3)
     rows = torch.arange(rollouts.completion_ids.shape[0])
-    trainer_logp, _ = stage.policy_logprobs(prompts, rollouts, rows, with_grad=False)
+    trainer_logp, _ = stage.policy_logprobs(stage.record(prompts, rollouts), rows, with_grad=False)
     mask = rollouts.completion_mask.bool()
     gap = (trainer_logp - rollouts.logprobs)[mask].abs().mean()
     assert gap < 1e-3, f"engine and trainer disagree after a sync: {gap}"
@@ -121,7 +121,7 @@ def test_logprob_gap_small_after_sync_and_large_after_a_corrupt_push(tmp_path):
     engine.llm.reset_prefix_cache()
     engine.llm.llm_engine.reset_encoder_cache()
     stale = engine.generate(prompts, SamplingConfig(n=2, max_new_tokens=10), seed=3)
-    trainer_logp, _ = stage.policy_logprobs(prompts, stale, rows, with_grad=False)
+    trainer_logp, _ = stage.policy_logprobs(stage.record(prompts, stale), rows, with_grad=False)
     mask = stale.completion_mask.bool()
     assert (trainer_logp - stale.logprobs)[mask].abs().mean() > 0.05, "a corrupt push must show as a gap"
 

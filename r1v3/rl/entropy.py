@@ -1,7 +1,7 @@
 """Entropy of the policy's next-token distribution, and a padding-safe masked mean.
 
 Used for the critical-token entropy of Skywork-R1V3 (arXiv 2507.06167, §5.1; definition in
-DESIGN.md §1): H_t = -sum_v p_v log p_v in nats over the full vocabulary, taken from the logits at
+docs/design.md §1): H_t = -sum_v p_v log p_v in nats over the full vocabulary, taken from the logits at
 position t-1 that produced token t.
 """
 
@@ -64,7 +64,7 @@ def normalized_entropy(h: Tensor, vocab_size: int) -> Tensor:
 
 def critical_token_stats(entropy: Tensor, mask: Tensor, triggers: Tensor, vocab_size: int,
                          high_threshold: float) -> dict[str, float]:
-    """Critical-token entropy summary of a batch of completions (DESIGN.md §1, paper §5.1).
+    """Critical-token entropy summary of a batch of completions (docs/design.md §1, paper §5.1).
 
     ``entropy`` [N, T] holds H_t of the distribution that produced completion token t, ``mask``
     the real tokens and ``triggers`` the tokens that begin a trigger word. Returns:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from r1v3.distributed import is_sharded
+from r1v3.encoding import EncodedPrompts, append_targets
+
 
 def prompt_positions(model: torch.nn.Module, tokens: dict, images: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids of left-padded prompts (as if unpadded) and each row's next position.
@@ -65,8 +68,6 @@ def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict
     of ``tokens``/``images``) and completion run whole. Used where a cache cannot be shared: with
     gradient checkpointing (HF drops the cache in training) and under FSDP (one forward per
     backward keeps its hooks simple)."""
-    from r1v3.data_modules.collate import append_targets
-
     width = completion_ids.shape[1]
     targets = [row[: int(n)].tolist() for row, n in zip(completion_ids, completion_mask.sum(1))]
     inputs, _, start = append_targets({k: v.cpu() for k, v in tokens.items()}, targets, pad_id)
@@ -79,44 +80,39 @@ def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict
 def shares_prompts(model: torch.nn.Module) -> bool:
     """Whether a group's rows can share one prompt pass: not when HF drops the cache for gradient
     checkpointing, nor under FSDP (one forward per backward keeps its hooks simple)."""
-    from r1v3 import fsdp
-
-    return not (fsdp.is_sharded(model) or getattr(model, "is_gradient_checkpointing", False))
+    return not (is_sharded(model) or getattr(model, "is_gradient_checkpointing", False))
 
 
-def rows_completion_logits(model: torch.nn.Module, encoder, prompts, owners: list[int], completion_ids: torch.Tensor,
-                           completion_mask: torch.Tensor, pad_id: int, device) -> torch.Tensor:
-    """Logits [N, T, V] for completions whose prompts are ``prompts[owners[i]]`` (objects with
-    ``text`` and ``images``): one pass per distinct prompt where the model allows it, else per row."""
+def rows_completion_logits(model: torch.nn.Module, encoded: EncodedPrompts, owners: list[int],
+                           completion_ids: torch.Tensor, completion_mask: torch.Tensor, device) -> torch.Tensor:
+    """Logits [N, T, V] for completions whose prompts are ``encoded``'s prompts ``owners[i]``: one
+    pass per distinct prompt where the model allows it, else per row. Nothing is re-encoded."""
     share = shares_prompts(model)
     unique = sorted(set(owners)) if share else owners
-    tokens, images = encoder.encode_prompts([prompts[p].text for p in unique], [prompts[p].images for p in unique])
+    tokens, images = encoded.batch(unique)
     tokens = {k: v.to(device) for k, v in tokens.items()}
     images = {k: v.to(device) for k, v in images.items()}
     if not share:
-        return per_row_completion_logits(model, tokens, images, completion_ids, completion_mask, pad_id)
+        return per_row_completion_logits(model, tokens, images, completion_ids, completion_mask, encoded.pad_id)
     where = {p: i for i, p in enumerate(unique)}
     index = torch.tensor([where[p] for p in owners], device=device)
     return completion_logits(model, tokens, images, index, completion_ids, completion_mask)
 
 
-def micro_batches(encoder, prompts, completion_mask: torch.Tensor, rows: torch.Tensor, group_size: int,
+def micro_batches(encoded: EncodedPrompts, completion_mask: torch.Tensor, rows: torch.Tensor, group_size: int,
                   budget: int, share: bool):
     """Cut ``rows`` into runs whose tokens fit ``budget``: completions, plus each prompt once per
     run when rows share their prompt's pass, else once per row."""
-    prompt_len = {}
     current, used = [], 0
     for r in rows.tolist():
         p = r // group_size
-        if p not in prompt_len:  # exact: image tokens depend on the processor and resolution
-            tokens, _ = encoder.encode_prompts([prompts[p].text], [prompts[p].images])
-            prompt_len[p] = tokens["input_ids"].shape[1]
+        prompt_len = encoded.length(p)  # exact: image tokens depend on the processor and resolution
         completion = int(completion_mask[r].sum())
-        cost = completion + (0 if share and any(q // group_size == p for q in current) else prompt_len[p])
+        cost = completion + (0 if share and any(q // group_size == p for q in current) else prompt_len)
         if current and used + cost > budget:
             yield torch.tensor(current)
             current, used = [], 0
-            cost = prompt_len[p] + completion
+            cost = prompt_len + completion
         current.append(r)
         used += cost
     if current:

@@ -13,6 +13,8 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from r1v3.distributed import synced_generate
+from r1v3.encoding import EncodedPrompts
 from r1v3.rl import prefix
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,27 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None) -> Rollouts:
+    """What a stage needs from a rollout engine. Use it through :class:`r1v3.rl.engines.EngineSession`,
+    which wakes it, syncs stale weights, and puts it back to sleep: nothing is pushed to a sleeping
+    engine, and nothing generates on one."""
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None,
+                 encoded: EncodedPrompts | None = None) -> Rollouts:
+        """``sampling.n`` completions per prompt. ``encoded``, when given, holds the same prompts
+        already through the processor (engines that run the HF processor use it as is)."""
         ...
 
-    def sync_weights(self, model: torch.nn.Module, groups: Sequence[str] | None = None) -> dict:
-        """Make the engine sample from ``model``'s current weights; returns timing stats."""
+    def sync_weights(self, model: torch.nn.Module, groups: Sequence[str] | None = None, force: bool = False) -> dict:
+        """Make the engine sample from ``model``'s current weights; returns timing stats. ``force``
+        pushes every tensor now (a resumed run), whatever the engine's own schedule."""
+        ...
+
+    def wake(self) -> None:
+        """Take back the memory given up by ``sleep`` (weights, cache)."""
+        ...
+
+    def sleep(self) -> None:
+        """Free the memory the trainer needs for its update."""
         ...
 
 
@@ -133,16 +151,26 @@ class HFGenerateEngine:
         self.suppress_tokens = list(suppress_tokens)  # image placeholders must never be generated
         warn_ignored_settings(checkpoint_sampling_settings(getattr(model, "generation_config", None)), "HF")
 
-    def sync_weights(self, model: torch.nn.Module, groups: Sequence[str] | None = None) -> dict:
-        self.model = model
+    def sync_weights(self, model: torch.nn.Module, groups: Sequence[str] | None = None, force: bool = False) -> dict:
+        self.model = model  # the policy itself: nothing to push
         return {}
 
+    def wake(self) -> None:
+        pass
+
+    def sleep(self) -> None:
+        pass
+
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None) -> Rollouts:
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None,
+                 encoded: EncodedPrompts | None = None) -> Rollouts:
         if seed is not None:
             torch.manual_seed(seed)
+        if encoded is None:
+            encoded = self.encoder.encode_each([p.text for p in prompts], [p.images for p in prompts])
         per_call = max(1, self.max_batch_rows // sampling.n)
-        parts = [self._generate_rows(prompts[i:i + per_call], sampling) for i in range(0, len(prompts), per_call)]
+        parts = [self._generate_rows(encoded, range(i, min(i + per_call, len(prompts))), sampling)
+                 for i in range(0, len(prompts), per_call)]
         width = max(p[0].shape[1] for p in parts)
         ids = torch.cat([_pad_right(p[0], width, self.tokenizer.pad_token_id) for p in parts])
         mask = torch.cat([_pad_right(p[1], width, 0) for p in parts])
@@ -152,23 +180,21 @@ class HFGenerateEngine:
                                             skip_special_tokens=True)
         return Rollouts(ids, mask, logprobs, texts, reasons, sampling.n)
 
-    def _generate_rows(self, prompts: Sequence[Prompt], sampling: SamplingConfig):
-        """``sampling.n`` completions of each prompt. The prompts (all but their last token) are
-        prefilled once and the cache is repeated n times, so the images and prompt tokens of a group
-        are encoded once instead of n times (``r1v3.rl.prefix``)."""
-        tokens, images = self.encoder.encode_prompts([p.text for p in prompts], [p.images for p in prompts])
+    def _generate_rows(self, encoded: EncodedPrompts, which: range, sampling: SamplingConfig):
+        """``sampling.n`` completions of each prompt in ``which``. The prompts (all but their last
+        token) are prefilled once and the cache is repeated n times, so the images and prompt tokens
+        of a group go through the model once instead of n times (``r1v3.rl.prefix``)."""
+        tokens, images = encoded.batch(which)
         device = next(self.model.parameters()).device
         tokens = {k: v.to(device) for k, v in tokens.items()}
         images = {k: v.to(device) for k, v in images.items()}
-        index = torch.arange(len(prompts), device=device).repeat_interleave(sampling.n)
+        index = torch.arange(len(which), device=device).repeat_interleave(sampling.n)
         greedy = sampling.temperature <= 0
         kwargs = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
                       return_dict_in_generate=True, output_logits=True)
         if self.suppress_tokens:
             kwargs["suppress_tokens"] = self.suppress_tokens
-        from r1v3.fsdp import synced_generate
-
         if synced_generate(self.model):  # every decoding step of a sharded model is a collective
             kwargs["synced_gpus"] = True
         if not greedy:

@@ -1,10 +1,11 @@
 """Embedded vLLM rollout engine: an in-process ``vllm.LLM`` colocated with the trainer.
 
-Built from the policy's HF directory at the start of fit; after optimizer steps the trainer's
-weights are pushed in (``collective_rpc("reload_weights")``, bucketed by transformer block, only
-the groups that train), then the prefix and encoder caches are reset. On CPU the settings of
-../shared/VLLM_CPU.md are applied automatically (in-process engine core, float32, eager, a small
-KV cache). On GPU the engine sleeps during updates and wakes for rollouts.
+Built from the policy's HF directory at the start of fit. When an engine session
+(:mod:`r1v3.rl.engines`) wakes it after an update, the trainer's weights are pushed in
+(``collective_rpc("reload_weights")``, bucketed by transformer block, only the groups that train),
+then the prefix and encoder caches are reset. On CPU the settings of docs/vllm.md are applied
+automatically (in-process engine core, float32, eager, a small KV cache). On GPU the engine sleeps
+during updates and wakes for rollouts.
 
 Under a torch.distributed process group (Lightning's, e.g. FSDP2 on CPU over gloo) every rank runs
 its own engine on its own rollouts. vLLM (0.32, ``init_distributed_environment``) does not start a
@@ -31,7 +32,7 @@ from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig, checkpoint_samplin
 from r1v3.rl.weight_sync import bucketize, trainable_state
 
 INSTALL_HINT = ("the vLLM rollout engine needs vLLM: on GPUs `pip install 'r1v3[vllm]'`; on CPU run "
-                "`bash .ci/setup_vllm.sh` and use its venv (see README, 'vLLM engine').")
+                "`bash .ci/setup_vllm.sh` and use its venv (see docs/vllm.md).")
 
 
 @dataclass
@@ -46,7 +47,7 @@ class VLLMConfig:
         dtype: Engine dtype. ``auto`` is the checkpoint's on GPU and float32 on CPU, where the
             engine then matches the fp32 policy's log-probs to ~1e-6. ``bfloat16`` on a CPU with
             AMX generates ~1.7× faster (bench/rollout.py), at bf16's log-prob gap; it runs in the
-            trainer's process (multi-process bf16 crashed in the AMX kernel, ../shared/VLLM_CPU.md).
+            trainer's process (multi-process bf16 crashed in the AMX kernel, docs/vllm.md).
         sleep_mode: On GPU, free the engine's memory during updates and wake before rollouts.
         sync_every: Push weights every k optimizer steps.
         bucket_mb: Target size of one weight push (whole transformer blocks per push).
@@ -116,7 +117,9 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.syncs = 0
 
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None) -> Rollouts:
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None,
+                 encoded=None) -> Rollouts:
+        """vLLM runs the processor itself on each prompt's text and images (``encoded`` is unused)."""
         from vllm import SamplingParams
 
         greedy = sampling.temperature <= 0

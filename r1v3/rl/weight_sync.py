@@ -2,7 +2,7 @@
 
 vLLM fuses HF tensors when it loads them (q/k/v → qkv_proj, gate/up → gate_up_proj, weight + bias
 of one layer). A reload call that holds only part of such a module rebuilds it from uninitialised
-memory, silently (measured: ../shared/VLLM_CPU.md). So tensors travel in buckets that never split a
+memory, silently (measured; docs/vllm.md). So tensors travel in buckets that never split a
 transformer block: everything under ``…layers.N.`` / ``…blocks.N.`` / ``…layer.N.`` goes together,
 and every other module (embeddings, connector, heads) goes whole.
 """

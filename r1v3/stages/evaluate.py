@@ -1,5 +1,5 @@
 """MMMU-style evaluation stage: k samples per question at temperature 1.0, mean accuracy over all of
-them (Skywork-R1V3, arXiv 2507.06167, §4; DESIGN.md §1), plus pass@k, per-subject accuracy, format
+them (Skywork-R1V3, arXiv 2507.06167, §4; docs/design.md §1), plus pass@k, per-subject accuracy, format
 and truncation rates, response length and the "can't see the image" split.
 
 Run with ``r1v3 validate --config configs/eval/mmmu.yaml`` (or ``r1v3 test``). Scoring, metrics and
@@ -18,10 +18,11 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
 from r1v3 import backbone as bb
-from r1v3.callbacks.hallucination import DEFAULT_PHRASES, claim_pattern
-from r1v3.data_modules.collate import VLMCollator
+from r1v3.rewards.blind_claims import DEFAULT_PHRASES, claim_pattern
+from r1v3.encoding import PromptEncoder
 from r1v3.evaluation import (NOTHINK_PREFILL, NOWAIT_WORDS, THINKING_MODES, EvalConfigError, EvalMetrics,
                              apply_thinking_mode, banned_token_ids, question_seed, score_rows, write_results)
+from r1v3.rl.engines import EngineSession, build_engine
 from r1v3.rl.rollout import HFGenerateEngine, Prompt, SamplingConfig
 from r1v3.rl.vllm_engine import INSTALL_HINT, VLLMConfig, vllm_available
 from r1v3.stages.base import R1V3Module
@@ -116,7 +117,7 @@ class EvalStage(R1V3Module):
             raise EvalConfigError(f"thinking: nowait, but no token of this tokenizer decodes to {list(banned_words)}")
         self.metrics = EvalMetrics(k)
         self.engine = None
-        self.encoder: VLMCollator | None = None
+        self.encoder: PromptEncoder | None = None
         self.checker = None
         self._rows: list[dict] = []
         self._started = 0.0
@@ -128,7 +129,8 @@ class EvalStage(R1V3Module):
         trainer = self._trainer
         # Encode prompts exactly as the data module does (resolution, system prompt).
         options = getattr(trainer.datamodule, "collate_options", {}) if trainer is not None else {}
-        self.encoder = VLMCollator(self.processor, mode="prompt", **options)
+        self.encoder = PromptEncoder(self.processor, **{k: options[k] for k in ("min_pixels", "max_pixels", "max_tiles")
+                                                        if k in options})
         if isinstance(self.engine, HFGenerateEngine):
             self.engine.encoder = self.encoder
         if self.checker is None:
@@ -141,18 +143,15 @@ class EvalStage(R1V3Module):
         if self.engine is not None:
             return
         suppress = sorted(set(bb.multimodal_token_ids(self.processor)) | set(self.banned))
-        if self.hparams.rollout == "vllm":
-            from r1v3.rl.vllm_engine import VLLMEngine
-
-            self.engine = VLLMEngine(self.model_path, self.vllm_config, seed=self.hparams.eval_seed,
-                                     suppress_tokens=suppress)
-            return
-        super().configure_model()
-        self.model.eval()
-        if self.encoder is None:  # configure_model called without setup (scripts, tests)
-            self.encoder = VLMCollator(self.processor, mode="prompt")
-        self.engine = HFGenerateEngine(self.model, self.encoder, self.tokenizer, self.hparams.max_batch_rows,
-                                       suppress_tokens=suppress)
+        hp = self.hparams
+        if hp.rollout != "vllm":  # the vLLM engine loads model_path itself: no HF weights here
+            super().configure_model()
+            self.model.eval()
+            if self.encoder is None:  # configure_model called without setup (scripts, tests)
+                self.encoder = PromptEncoder(self.processor)
+        self.engine = build_engine(hp.rollout, model_dir=self.model_path, model=self.model, encoder=self.encoder,
+                                   tokenizer=self.tokenizer, vllm_config=self.vllm_config, seed=hp.eval_seed,
+                                   suppress_tokens=suppress, max_batch_rows=hp.max_batch_rows)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Called before the weights are loaded, which a vLLM-only stage (no HF model) cannot take.
@@ -190,8 +189,11 @@ class EvalStage(R1V3Module):
         meta = batch["meta"]
         seed = question_seed(self.hparams.eval_seed, meta["id"])
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):  # the engine reseeds; leave global RNG streams alone
-            rollouts = self.engine.generate(self.prompts(meta), self.sampling, seed=seed)
+        prompts = self.prompts(meta)
+        # The collator's encoding serves as is unless the thinking mode rewrote the prompt text.
+        encoded = batch.get("encoded") if [p.text for p in prompts] == meta["prompt_text"] else None
+        with torch.random.fork_rng(devices=cuda), EngineSession(self.engine, lambda: (self.model, ())) as engine:
+            rollouts = engine.generate(prompts, self.sampling, seed=seed, encoded=encoded)
         k = self.sampling.n
         records = [{"id": meta["id"][i], "subject": meta["subject"][i], "answer": meta["answer"][i],
                     "options": meta["options"][i], "question": meta["question"][i]} for i in range(len(meta["id"]))]
