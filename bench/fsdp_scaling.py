@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
         return {}
 
     from r1v3.data_modules.synthetic import write_synthetic
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="r1v3-fsdp-bench-"))
     model_dir = work / f"{args.family}-{args.size}"

@@ -37,7 +37,7 @@ def run_one(args) -> dict:
     from r1v3.rl.vllm_engine import VLLMConfig
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.grpo import GRPOStage
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     class Collect(Callback):
         def __init__(self):

@@ -51,7 +51,7 @@ def run_one(args) -> dict:
     from r1v3.data_modules.webdata import WebDataModule
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.sft import SFTStage
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     work = Path(args.workdir)
     model_dir = work / f"{args.family}-{args.size}"

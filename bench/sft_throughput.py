@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     from r1v3.data_modules.webdata import WebDataModule
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.sft import SFTStage
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     torch.manual_seed(0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-"))

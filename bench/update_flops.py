@@ -74,7 +74,7 @@ def run_one(args) -> dict:
     from r1v3.rl.rollout import SamplingConfig
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.grpo import GRPOStage
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     class MeasuredGRPO(GRPOStage):
         """GRPO unchanged; its update is either timed or FLOP-counted (the counter's dispatch

@@ -5,5 +5,7 @@ from r1v3.callbacks.critical_entropy import CriticalTokenEntropy
 from r1v3.callbacks.hallucination import HallucinationMonitor
 from r1v3.callbacks.kl_monitor import KLMonitor
 from r1v3.callbacks.lr_alarm import LRInstabilityAlarm
+from r1v3.callbacks.progress import StepProgressBar
 
-__all__ = ["CriticalTokenEntropy", "HallucinationMonitor", "KLMonitor", "LRInstabilityAlarm", "RankedCheckpoint"]
+__all__ = ["CriticalTokenEntropy", "HallucinationMonitor", "KLMonitor", "LRInstabilityAlarm", "RankedCheckpoint",
+           "StepProgressBar"]

@@ -7,7 +7,6 @@ that ``write_shards`` can report every dropped record in one place instead of ra
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import io
@@ -351,55 +350,3 @@ def from_geometry3k(jsonl_path: str | os.PathLike, image_root: str | os.PathLike
 
 
 CONVERTERS = {"jsonl": from_jsonl, "mmmu": from_mmmu, "geometry3k": from_geometry3k}
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-class UsageError(Exception):
-    pass
-
-
-class CliParser(argparse.ArgumentParser):
-    """argparse would print the whole usage block and exit; the CLI contract is one error line."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-
-def shards_main(argv: list[str] | None = None) -> int:
-    parser = CliParser(prog="r1v3 shards", description="Convert JSONL records plus images to tar shards.")
-    parser.add_argument("--format", required=True, choices=sorted(CONVERTERS))
-    parser.add_argument("--input", required=True, help="records, one JSON object per line")
-    parser.add_argument("--image-root", required=True, help="folder that relative image paths start from")
-    parser.add_argument("--out", required=True, help="shard pattern, e.g. out/train-%%06d.tar")
-    parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        print(f"r1v3 shards: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-
-    problem = None
-    if not Path(args.input).is_file():
-        problem = f"input file not found: {args.input}"
-    elif not Path(args.image_root).is_dir():
-        problem = f"image root is not a directory: {args.image_root}"
-    elif args.maxcount < 1:
-        problem = f"--maxcount must be >= 1, got {args.maxcount}"
-    if problem is None:
-        try:
-            stats = write_shards(CONVERTERS[args.format](args.input, args.image_root), args.out, args.maxcount)
-        except (ValueError, OSError, UnicodeDecodeError) as exc:
-            problem = str(exc)
-    if problem is not None:
-        print(f"r1v3 shards: error: {problem}", file=sys.stderr)
-        return 2
-    print(json.dumps({"format": args.format, **stats}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(shards_main())

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 import random
-import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
-from .shards import CliParser, UsageError, write_shards
+from .shards import write_shards
 
 PALETTE = {"red": (220, 40, 40), "blue": (40, 90, 220), "green": (30, 150, 60), "orange": (245, 140, 20),
            "purple": (140, 60, 190)}
@@ -340,71 +338,6 @@ def corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """n texts (question plus rendered target) over every task and difficulty, for tokenizer training."""
     stream = _stream(tuple(TASKS), _split_seed(seed, "corpus"), (1, 2, 3), 64, REFLECT_FRAC)
     return [f"{s['question']}\n{render_target(s['trace'], s['answer'])}" for s in itertools.islice(stream, n)]
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [t for t in names if t not in TASKS]
-    if bad or not names:
-        raise UsageError(f"unknown task(s) {', '.join(bad) or text!r}; known: {', '.join(TASKS)}")
-    return names
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UsageError(f"difficulties must be integers >= 1, got {text!r}")
-    return values
-
-
-def synth_main(argv: list[str] | None = None) -> int:
-    p = CliParser(prog="r1v3 synth", description="Render the synthetic visual-math task to tar shards.")
-    p.add_argument("--out", required=True, help="output folder; train/, val/, ood/ go below it")
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-val", type=int, default=200)
-    p.add_argument("--n-ood", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tasks", default=",".join(DEFAULT_TRAIN_TASKS), help=f"train tasks, from {', '.join(TASKS)}")
-    p.add_argument("--ood-tasks", default=",".join(DEFAULT_OOD_TASKS))
-    p.add_argument("--difficulty", default="1", help="comma-separated levels, e.g. 1,2")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--maxcount", type=int, default=1000)
-    p.add_argument("--reflect-frac", type=float, default=REFLECT_FRAC,
-                   help="fraction of traces with a reflection word (Wait, Hmm, But, ...)")
-    try:
-        args = p.parse_args(argv)
-        train, ood, levels = _names(args.tasks), _names(args.ood_tasks), _ints(args.difficulty)
-        for ok, what in ((min(args.n_train, args.n_val, args.n_ood) >= 0, "sample counts must be >= 0"),
-                         (32 <= args.size <= 1024, "--size must be between 32 and 1024"),
-                         (args.maxcount >= 1, "--maxcount must be >= 1"),
-                         (0.0 <= args.reflect_frac <= 1.0, "--reflect-frac must be in [0, 1]")):
-            if not ok:
-                raise UsageError(what)
-    except UsageError as exc:
-        print(f"r1v3 synth: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    try:
-        stats = write_synthetic(args.out, args.n_train, args.n_val, args.n_ood, args.seed, train, ood,
-                                levels, args.size, args.maxcount, args.reflect_frac)
-    except OSError as exc:
-        print(f"r1v3 synth: error: {exc}", file=sys.stderr)
-        return 2
-    summary = {"out": str(args.out), **{k: {"written": v["written"], "skipped": v["skipped"],
-                                            "shards": len(v["shards"])} for k, v in stats.items()}}
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(synth_main())
 
 
 def answer_space_size(task: str, difficulty: int = 1) -> int:

@@ -15,7 +15,7 @@ FAMILIES = ("internvl", "qwen2_5_vl", "llava")
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: build_tiny(family, root / family) for family in FAMILIES}

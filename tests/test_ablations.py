@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from r1v3.ablations import ABLATIONS, ablate_main, pearson, verdict
+from r1v3.tools.ablations import ABLATIONS, ablate_main, pearson, verdict
 
 
 def test_verdict_rule_by_hand():

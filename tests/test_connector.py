@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1v3.demo import changed_groups, run_stage
+from r1v3.tools.demo import changed_groups, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTOR = REPO / "configs" / "demo" / "connector.yaml"

@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from PIL import Image
 
 from r1v3.chat import render_prompt
-from r1v3.data_modules.shards import shards_main
+from r1v3.tools.datasets import shards_main
 from r1v3.data_modules.webdata import WebDataModule
 from r1v3.evaluation import (NOTHINK_PREFILL, EvalConfigError, EvalMetrics, apply_thinking_mode,
                              banned_token_ids, pass_at_k, question_seed, score_samples)

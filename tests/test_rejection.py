@@ -9,7 +9,7 @@ from lightning.pytorch import Trainer
 from r1v3.chat import parse_response
 from r1v3.data_modules.synthetic import write_synthetic
 from r1v3.data_modules.webdata import WebDataModule
-from r1v3.rejection import rejection_sample
+from r1v3.tools.rejection import rejection_sample
 from r1v3.rewards import format_reward, is_correct
 from r1v3.stages.base import OptimizerConfig
 from r1v3.stages.sft import SFTStage

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from r1v3.report import build_report, report_main
+from r1v3.tools.report import build_report, report_main
 
 SFT_COLUMNS = ["epoch", "step", "train/loss", "val/accuracy", "val/loss"]
 GRPO_COLUMNS = ["epoch", "step", "alarm/entropy_surge", "kl/k3", "train/entropy", "train/grad_norm", "train/lr",
@@ -138,3 +138,15 @@ def test_cli_dispatch(run_dir, capsys):
 
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report.md").is_file()
+
+
+def test_greedy_and_sampled_accuracy_are_separate_series():
+    from r1v3.tools.report import series_label
+
+    sft = {"val/accuracy": [(1, 0.6)]}
+    grpo = {"val/accuracy": [(1, 0.4)], "val/accuracy_greedy": [(1, 0.6)]}
+    # SFT's val/accuracy and GRPO's val/accuracy_greedy are the same quantity (one series);
+    # GRPO's val/accuracy is sampled accuracy, its own series with its definition in the legend.
+    assert series_label("val/accuracy", sft) == series_label("val/accuracy_greedy", grpo)
+    assert series_label("val/accuracy", grpo) != series_label("val/accuracy", sft)
+    assert "sampled" in series_label("val/accuracy", grpo) and "greedy" in series_label("val/accuracy", sft)

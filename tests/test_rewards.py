@@ -35,7 +35,7 @@ def reward():
 
 @pytest.fixture(scope="module")
 def tiny_judge_dir(tmp_path_factory):
-    from r1v3.tiny import build_tiny
+    from r1v3.tools.tiny import build_tiny
 
     return build_tiny("internvl", tmp_path_factory.mktemp("judge") / "internvl")
 

@@ -12,9 +12,9 @@ from r1v3.data_modules.shards import (
     from_jsonl,
     from_mmmu,
     sanitize_key,
-    shards_main,
     write_shards,
 )
+from r1v3.tools.datasets import shards_main
 
 
 def _png(path, colour=(200, 10, 10), fmt="PNG"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from r1v3.data_modules import synthetic as S
+from r1v3.tools.datasets import synth_main
 
 TRIGGERS = re.compile(r"\b(Wait|Hmm|Alternatively|But)\b")
 DIFFICULTIES = (1, 2, 3)
@@ -216,7 +217,7 @@ def test_write_synthetic_splits(tmp_path):
 
 
 def test_synth_cli(tmp_path, capsys):
-    rc = S.synth_main(["--out", str(tmp_path), "--n-train", "6", "--n-val", "2", "--n-ood", "2",
+    rc = synth_main(["--out", str(tmp_path), "--n-train", "6", "--n-val", "2", "--n-ood", "2",
                        "--tasks", "count,colour", "--difficulty", "1,2", "--seed", "4"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip())
@@ -227,7 +228,7 @@ def test_synth_cli(tmp_path, capsys):
                                   ["--difficulty", "x"], []])
 def test_synth_cli_errors(tmp_path, capsys, args):
     argv = (["--out", str(tmp_path)] if args else []) + args
-    assert S.synth_main(argv) == 2
+    assert synth_main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1 and lines[0].startswith("r1v3 synth: error:")

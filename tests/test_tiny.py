@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from r1v3 import backbone as bb
-from r1v3 import chat, tiny
+from r1v3 import chat
+from r1v3.tools import tiny
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

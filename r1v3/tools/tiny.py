@@ -1,0 +1,305 @@
+"""Offline tiny VLMs: random weights, a BPE tokenizer trained on the synthetic corpus, a processor.
+
+There is no model hub on our machines, so tests, benchmarks and the demo build their models here
+from transformers config classes and save them with ``save_pretrained``.  Everything downstream then
+loads them through :func:`r1v3.backbone.load_backbone`, the same path a real checkpoint takes.
+
+Presets (per family):
+- ``tiny``  — under 1M parameters, for unit tests and the CPU demo.
+- ``small`` — the benchmark reference: text hidden 512 × 8 layers, 8 heads / 2 KV heads, a 4-layer
+  vision tower, 64 image tokens per image, about 25–30M parameters.
+- ``medium`` — ``small`` scaled to about 0.56B parameters, for the memory benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+FAMILIES = ("internvl", "qwen2_5_vl", "llava")
+SIZES = ("tiny", "small", "medium")
+
+# Chat markers shared by every tiny family (ChatML, as Qwen2 and InternVL3 use).
+BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+THINK_TOKENS = ("<think>", "</think>")
+
+# What the chat template writes for one image, per family; the processor expands it to the
+# image's full run of tokens.
+IMAGE_PLACEHOLDER = {
+    "internvl": "<IMG_CONTEXT>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "llava": "<image>",
+}
+FAMILY_TOKENS = {
+    "internvl": {"start_image_token": "<img>", "end_image_token": "</img>",
+                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    "qwen2_5_vl": {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+                   "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    "llava": {"image_token": "<image>"},
+}
+
+
+def chat_template(family: str) -> str:
+    """A ChatML template that renders ``{"type": "image"}`` parts as the family's placeholder."""
+    image = IMAGE_PLACEHOLDER[family]
+    return (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ '" + image + "' }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{{ '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
+@dataclass(frozen=True)
+class Preset:
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int
+    patch: int
+    image_size: int
+    vocab_size: int
+
+
+PRESETS = {
+    # 64 px images, patch 8: 64 patches -> 16 image tokens (InternVL pixel shuffle, Qwen 2x2 merge).
+    "tiny": Preset(128, 2, 4, 2, 256, 64, 2, 4, 128, 8, 64, 512),
+    # 128 px, patch 8: 256 patches -> 64 image tokens for InternVL and Qwen2.5-VL.
+    "small": Preset(512, 8, 8, 2, 1408, 256, 4, 4, 1024, 8, 128, 2048),
+    # ``small`` scaled to ~0.56B parameters (text hidden 1024 × 28 layers): the memory benchmark's
+    # model, big enough that per-parameter costs dominate fixed ones.
+    "medium": Preset(1024, 28, 16, 4, 5632, 256, 4, 4, 1024, 8, 128, 2048),
+}
+
+
+def _fallback_corpus() -> list[str]:
+    from r1v3.data_modules import synthetic
+
+    return synthetic.corpus(n=3000, seed=0)
+
+
+def build_tokenizer(family: str, corpus: Sequence[str], vocab_size: int):
+    """Train a byte-level BPE on ``corpus`` and wrap it with the family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, *FAMILY_TOKENS[family].values()]
+    specials = list(dict.fromkeys(specials))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The chat scaffolding is in every prompt: give it whole-word merges.
+    scaffold = ["user\n", "assistant\n", "system\n", "The answer is", "Wait, let me recount."] * 50
+    bpe.train_from_iterator([*corpus, *scaffold], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=FAMILY_TOKENS[family],
+        padding_side="left",
+        chat_template=chat_template(family),
+    )
+    # Think tags are ordinary added tokens: kept by decode(skip_special_tokens=True).
+    tokenizer.add_tokens(list(THINK_TOKENS))
+    return tokenizer
+
+
+def build_processor(family: str, tokenizer, preset: Preset):
+    from r1v3 import backbone
+
+    template = chat_template(family)
+    if family == "internvl":
+        from transformers import GotOcr2ImageProcessorPil
+
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": preset.image_size, "width": preset.image_size},
+            crop_to_patches=False, max_patches=1,
+        )
+        tokens_per_image = (preset.image_size // preset.patch) ** 2 // 4  # pixel shuffle 0.5
+        return backbone.InternVLProcessorNoVideo(
+            image_processor=image_processor, tokenizer=tokenizer,
+            image_seq_length=tokens_per_image, chat_template=template,
+        )
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        pixels = preset.image_size * preset.image_size
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=preset.patch, merge_size=2, temporal_patch_size=2,
+            size={"shortest_edge": pixels, "longest_edge": pixels},
+        )
+        return backbone.Qwen2_5_VLProcessorNoVideo(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
+        )
+    if family == "llava":
+        from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+        image_processor = LlavaImageProcessorPil(
+            size={"shortest_edge": preset.image_size},
+            crop_size={"height": preset.image_size, "width": preset.image_size},
+        )
+        return LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=preset.patch,
+            vision_feature_select_strategy="default", chat_template=template,
+            num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        )
+    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+
+
+def build_config(family: str, preset: Preset, tokenizer):
+    vocab = len(tokenizer)
+    text = dict(
+        vocab_size=vocab, hidden_size=preset.text_hidden, num_hidden_layers=preset.text_layers,
+        num_attention_heads=preset.text_heads, num_key_value_heads=preset.text_kv_heads,
+        intermediate_size=preset.text_intermediate, max_position_embeddings=4096,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    if family == "internvl":
+        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+        vision = InternVLVisionConfig(
+            hidden_size=preset.vision_hidden, num_hidden_layers=preset.vision_layers,
+            num_attention_heads=preset.vision_heads, intermediate_size=preset.vision_intermediate,
+            patch_size=[preset.patch, preset.patch], image_size=[preset.image_size, preset.image_size],
+            use_mask_token=False, use_absolute_position_embeddings=True,
+        )
+        return InternVLConfig(
+            vision_config=vision, text_config=Qwen2Config(**text),
+            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+            image_seq_length=(preset.image_size // preset.patch) ** 2 // 4,
+            downsample_ratio=0.5, tie_word_embeddings=False,
+        )
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        head_dim = preset.text_hidden // preset.text_heads
+        # Qwen2.5-VL's multimodal RoPE needs sum(mrope_section) == head_dim / 2.
+        spatial = 3 * head_dim // 16  # Qwen's own split for head_dim 128 is [16, 24, 24]
+        mrope = [head_dim // 2 - 2 * spatial, spatial, spatial]
+        text_cfg = dict(text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                               "mrope_section": mrope})
+        vision = dict(
+            depth=preset.vision_layers, hidden_size=preset.vision_hidden,
+            intermediate_size=preset.vision_intermediate, num_heads=preset.vision_heads,
+            patch_size=preset.patch, spatial_merge_size=2, temporal_patch_size=2,
+            out_hidden_size=preset.text_hidden, window_size=preset.patch * 4,
+            fullatt_block_indexes=[preset.vision_layers - 1],
+        )
+        return Qwen2_5_VLConfig(
+            text_config=text_cfg, vision_config=vision,
+            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+            tie_word_embeddings=False,
+        )
+    if family == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        vision = CLIPVisionConfig(
+            hidden_size=preset.vision_hidden, num_hidden_layers=preset.vision_layers,
+            num_attention_heads=preset.vision_heads, intermediate_size=preset.vision_intermediate,
+            patch_size=preset.patch, image_size=preset.image_size, projection_dim=preset.vision_hidden,
+        )
+        return LlavaConfig(
+            vision_config=vision, text_config=LlamaConfig(**text),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_seq_length=(preset.image_size // preset.patch) ** 2,
+            vision_feature_select_strategy="default", vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+
+
+def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
+               corpus: Sequence[str] | None = None) -> Path:
+    """Build a random ``family`` model of preset ``size`` and save model + processor to ``out``."""
+    from transformers import AutoModelForImageTextToText
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if size not in PRESETS:
+        raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
+    preset = PRESETS[size]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(family, corpus or _fallback_corpus(), preset.vocab_size)
+    processor = build_processor(family, tokenizer, preset)
+    config = build_config(family, preset, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    if family == "llava":
+        _nest_clip_tower(out / "model.safetensors")
+    if family in VIDEO_PROCESSOR:
+        # Where torchvision exists (e.g. the vLLM environment) the real processor also loads its
+        # video half; this file is all it needs, and writing it needs no torchvision.
+        (out / "video_preprocessor_config.json").write_text(
+            json.dumps({"video_processor_type": VIDEO_PROCESSOR[family]}))
+    n_params = sum(p.numel() for p in model.parameters())
+    (out / "r1v3_tiny.json").write_text(json.dumps(
+        {"family": family, "size": size, "seed": seed, "params": n_params,
+         "image_size": preset.image_size}, indent=1))
+    return out
+
+
+VIDEO_PROCESSOR = {"internvl": "InternVLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor"}
+
+
+def _nest_clip_tower(path: Path) -> None:
+    """Save LLaVA's CLIP tower as ``vision_tower.vision_model.*``, the layout of real LLaVA
+    checkpoints that vLLM expects; transformers reads both (it saves the flat one since 5.19)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+               for k, v in tensors.items()}
+    save_file(renamed, str(path), metadata={"format": "pt"})
+
+
+def tiny_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r1v3 tiny", description=(
+        "Build a random tiny VLM (model + BPE tokenizer + processor) offline and save it."))
+    parser.add_argument("--family", choices=FAMILIES, default="internvl")
+    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = build_tiny(args.family, args.out, size=args.size, seed=args.seed)
+    print(json.dumps(json.loads((out / "r1v3_tiny.json").read_text()) | {"out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(tiny_main())
