@@ -70,7 +70,7 @@ def test_a_stale_engine_trips_the_logprob_gap_alarm(tiny_dirs, synth_dir):
     stage.configure_model()
 
     class StaleEngine(HFGenerateEngine):
-        def sync_weights(self, model, groups=None):  # the bug under watch: a push that never lands
+        def sync_weights(self, model, groups=None, force=False):  # the bug under watch: a push that never lands
             return {}
 
     # It samples from a frozen copy of the initial weights.
