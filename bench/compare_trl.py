@@ -164,7 +164,7 @@ def run_r1v3(args, model_dir: Path, data_dir: Path, engine: str) -> dict:
                       sampling=SamplingConfig(n=args.group_size, max_new_tokens=args.max_new_tokens),
                       rollout=engine, vllm=VLLMConfig(max_model_len=1024, dtype=vllm_dtype),
                       reward_fn="__main__.r1v3_reward",
-                      dynamic_sampling=False, kl_coef=0.0, gradient_checkpointing=False, rollout_log_every=0)
+                      dynamic_sampling=False, kl_coef=0.0, rollout_log_every=0)
     timer = Timer()
     trainer = Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                       precision="bf16-mixed" if args.precision == "bf16" else "32-true",

@@ -49,6 +49,7 @@ def run_one(args) -> dict:
 
     from r1v3.data_modules.synthetic import write_synthetic
     from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.backbone import LoadConfig
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.sft import SFTStage
     from r1v3.tools.tiny import build_tiny
@@ -77,8 +78,9 @@ def run_one(args) -> dict:
                              if torch.is_tensor(v))
 
     bf16 = args.config == "bf16"
-    stage = SFTStage(str(model_dir), trainable=("vision", "connector", "llm"), dtype="bfloat16" if bf16 else "float32",
-                     val_generate=False, gradient_checkpointing=args.gradient_checkpointing,
+    stage = SFTStage(str(model_dir), trainable=("vision", "connector", "llm"), val_generate=False,
+                     load=LoadConfig(dtype="bfloat16" if bf16 else "float32",
+                                     gradient_checkpointing=args.gradient_checkpointing),
                      optimizer=OptimizerConfig(name="adamw8bit", lr=1e-5, warmup_ratio=0.0, schedule="constant",
                                                in_backward=args.config.endswith("in-backward")))
     measure = Measure()

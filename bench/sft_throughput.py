@@ -46,6 +46,7 @@ def main(argv=None) -> dict:
 
     from r1v3.data_modules.synthetic import write_synthetic
     from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.backbone import LoadConfig
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.sft import SFTStage
     from r1v3.tools.tiny import build_tiny
@@ -60,7 +61,8 @@ def main(argv=None) -> dict:
         write_synthetic(data_dir, n_train=args.batch_size * (args.steps + 1), n_val=8, n_ood=8)
 
     module = SFTStage(str(model_dir), trainable=["vision", "connector", "llm"], val_generate=False,
-                      optimizer=OptimizerConfig(lr=1e-4), gradient_checkpointing=args.gradient_checkpointing)
+                      optimizer=OptimizerConfig(lr=1e-4),
+                      load=LoadConfig(gradient_checkpointing=args.gradient_checkpointing))
     data = WebDataModule(train=str(data_dir / "train"), batch_size=args.batch_size, max_prompt_length=2048)
     timer = StepTimer()
     trainer = Trainer(accelerator="cpu", max_steps=args.steps, precision=args.precision, logger=False,

@@ -49,6 +49,33 @@ TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": tor
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+@dataclass
+class LoadConfig:
+    """How a stage loads its backbone; the same settings for every stage.
+
+    Args:
+        dtype: Dtype the weights load in (``float32``, ``bfloat16``); autocast is the trainer's
+            ``precision``.
+        attn_implementation: ``sdpa`` (default), ``eager``, or ``flash_attention_2`` (CUDA +
+            flash-attn only).
+        trust_remote_code: Allow the checkpoint's own Python code (off unless you ask).
+        groups: Module groups as parameter-name prefixes, for families r1v3 does not know.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory
+            (training stages).
+    """
+
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    groups: Mapping[str, list[str]] | None = None
+    gradient_checkpointing: bool = False
+
+
+# Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets
+# them load with torch.load(weights_only=True), the default since torch 2.6.
+torch.serialization.add_safe_globals([LoadConfig])
+
+
 class BackboneError(UserError):
     """A model or freeze-plan setting the user can fix; its message says how."""
 

@@ -228,7 +228,7 @@ def configure_sharding(module) -> None:
     # HF VLMs return image_hidden_states as a view; r1v3 never modifies model outputs in place,
     # which is what this warning (raised on every forward) is about.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    if getattr(strategy, "activation_checkpointing", False) and not module.hparams.gradient_checkpointing:
+    if getattr(strategy, "activation_checkpointing", False) and not module.load_config.gradient_checkpointing:
         enable_activation_checkpointing(module.model)
     shard_backbone(module.model, strategy.device_mesh["data_parallel"], **opts)
     if strategy.world_size > 1:

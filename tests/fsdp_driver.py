@@ -69,12 +69,13 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from r1v3 import fsdp
     from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.backbone import LoadConfig
     from r1v3.stages.base import OptimizerConfig
 
     torch.manual_seed(0)
     optimizer = OptimizerConfig(lr=spec.get("lr", 1e-3), warmup_ratio=0.0, schedule="constant")
     common = dict(trainable=spec.get("trainable", ["vision", "connector", "llm"]), optimizer=optimizer,
-                  export_dir=spec.get("export_dir"), dtype=spec.get("dtype", "float32"))
+                  export_dir=spec.get("export_dir"), load=LoadConfig(dtype=spec.get("dtype", "float32")))
     if spec["stage"] == "grpo":
         from r1v3.rl.rollout import SamplingConfig
         from r1v3.stages.grpo import GRPOStage

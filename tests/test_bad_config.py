@@ -48,6 +48,7 @@ def test_grpo_group_of_one_is_one_line(tmp_path, tiny_dirs, synth_dir):
     ("override", "model.init_args.max_new_tokenz", "model.init_args.max_new_tokens"),
     ("override", "trainer.max_stepz", "trainer.max_steps"),
     ("yaml", "trainer.log_every_n_stepz", "trainer.log_every_n_steps"),
+    ("override", "model.init_args.dtype", "model.init_args.load.dtype"),  # moved into the load block
 ])
 def test_a_misspelled_key_is_one_line_naming_the_closest(tmp_path, tiny_dirs, synth_dir, capsys, where, key, closest):
     config = write_config(tmp_path, tiny_dirs, synth_dir)

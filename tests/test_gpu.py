@@ -41,7 +41,7 @@ def test_sleep_mode_grpo_keeps_greedy_parity(need_gpu_vllm, tiny_dirs, synth_dir
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.grpo import GRPOStage
 
-    stage = GRPOStage(str(tiny_dirs["qwen2_5_vl"]), rollout="vllm", dtype="float32",
+    stage = GRPOStage(str(tiny_dirs["qwen2_5_vl"]), rollout="vllm",
                       vllm=VLLMConfig(max_model_len=512, sleep_mode=True, gpu_memory_utilization=0.3,
                                       dtype="float32", enforce_eager=True),
                       sampling=SamplingConfig(n=4, max_new_tokens=12), reward_fn="test_gpu.length_reward",

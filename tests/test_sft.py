@@ -4,6 +4,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
+from r1v3.backbone import LoadConfig
 from r1v3.data_modules.webdata import WebDataModule
 from r1v3.stages.base import OptimizerConfig
 from r1v3.stages.sft import SFTStage
@@ -52,7 +53,7 @@ def test_sft_learns(tiny_dirs, synth_dir):
 @pytest.mark.parametrize("options", [
     {"optimizer": OptimizerConfig(name="adamw8bit", lr=1e-3)},
     {"precision": "bf16-mixed"},
-    {"gradient_checkpointing": True, "trainable": ["connector"]},
+    {"load": LoadConfig(gradient_checkpointing=True), "trainable": ["connector"]},
 ])
 def test_training_options_update_the_weights(tiny_dirs, synth_dir, options):
     stage = SFTStage(str(tiny_dirs["internvl"]), val_generate=False)

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -91,11 +91,7 @@ class R1V3Module(LightningModule):
         model_path: str,
         trainable: Sequence[str] = ("llm", "connector"),
         optimizer: OptimizerConfig = OptimizerConfig(),
-        dtype: str = "float32",
-        attn_implementation: str = "sdpa",
-        trust_remote_code: bool = False,
-        groups: Mapping[str, list[str]] | None = None,
-        gradient_checkpointing: bool = False,
+        load: bb.LoadConfig = bb.LoadConfig(),
         max_new_tokens: int = 64,
         export_dir: str | None = None,
     ):
@@ -104,10 +100,12 @@ class R1V3Module(LightningModule):
         self.model_path = model_path
         self.trainable = list(trainable)
         self.optim = optimizer or OptimizerConfig()
+        # A checkpoint's hparams may hold the settings as a plain dict.
+        self.load_config = load if isinstance(load, bb.LoadConfig) else bb.LoadConfig(**(load or {}))
         self.max_new_tokens = max_new_tokens
         self.export_dir = export_dir
         # The processor is needed before configure_model: the datamodule collates with it.
-        self.processor = bb.load_processor(model_path, trust_remote_code)
+        self.processor = bb.load_processor(model_path, self.load_config.trust_remote_code)
         self.backbone: bb.Backbone | None = None
         self.model: torch.nn.Module | None = None
         self._skipped: Counter = Counter()
@@ -119,16 +117,16 @@ class R1V3Module(LightningModule):
             fsdp.configure_sharding(self)
             return
         fsdp.check_strategy(self._trainer.strategy if self._trainer else None)  # before a long load
-        hp = self.hparams
+        load = self.load_config
         self.backbone = bb.load_backbone(
-            self.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
-            trust_remote_code=hp.trust_remote_code, groups=hp.groups, device=str(self.device))
+            self.model_path, dtype=load.dtype, attn_implementation=load.attn_implementation,
+            trust_remote_code=load.trust_remote_code, groups=load.groups, device=str(self.device))
         self.backbone.processor = self.processor
         self.model = self.backbone.model.train()  # from_pretrained returns eval mode
         counts = bb.apply_freeze_plan(self.backbone, self.trainable)
         for group, c in counts.items():
             rank_zero_info(f"[r1v3] {group:<9} trainable {c['trainable']:>12,} / {c['total']:>12,} params")
-        if hp.gradient_checkpointing:
+        if load.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.23
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,10 +34,7 @@ class EvalStage(R1V3Module):
     def __init__(
         self,
         model_path: str,
-        dtype: str = "float32",
-        attn_implementation: str = "sdpa",
-        trust_remote_code: bool = False,
-        groups: Mapping[str, list[str]] | None = None,
+        load: bb.LoadConfig = bb.LoadConfig(),
         rollout: Literal["hf", "vllm"] = "hf",
         vllm: VLLMConfig = VLLMConfig(),
         k: int = 5,
@@ -58,10 +55,8 @@ class EvalStage(R1V3Module):
         Args:
             model_path: Model to evaluate: an HF directory (e.g. a stage's export_dir) or hub id.
                 With the ``hf`` engine, ``--ckpt_path`` may point at a Lightning checkpoint instead.
-            dtype: Dtype the weights load in (``hf`` engine).
-            attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (CUDA only).
-            trust_remote_code: Allow the checkpoint's own Python code.
-            groups: Module groups for families r1v3 does not know.
+            load: How the backbone loads (``hf`` engine): dtype, attention kernel, remote code,
+                module groups for unknown families.
             rollout: Sampling engine: ``hf`` (``generate`` on the loaded model) or ``vllm`` (embedded
                 vLLM on ``model_path``; the HF weights are then not loaded).
             vllm: Settings of the embedded vLLM engine; ``max_model_len`` must hold the prompt plus
@@ -104,11 +99,7 @@ class EvalStage(R1V3Module):
             if vllm.max_model_len <= max_new_tokens:
                 raise EvalConfigError(f"vllm.max_model_len ({vllm.max_model_len}) must exceed max_new_tokens "
                                       f"({max_new_tokens}): it holds the prompt and the completion")
-        super().__init__(model_path=model_path, trainable=(), dtype=dtype, attn_implementation=attn_implementation,
-                         trust_remote_code=trust_remote_code, groups=groups, max_new_tokens=max_new_tokens)
-        # Under LightningCLI the hparams hold only this class's arguments; the base's
-        # configure_model also reads this one.
-        self.hparams.setdefault("gradient_checkpointing", False)
+        super().__init__(model_path=model_path, trainable=(), load=load, max_new_tokens=max_new_tokens)
         self.vllm_config = vllm
         self.sampling = SamplingConfig(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self.pattern = claim_pattern(hallucination_phrases)
@@ -250,7 +241,7 @@ class EvalStage(R1V3Module):
         hp = self.hparams
         ckpt = self.trainer.ckpt_path
         out = {"split": split, "model_path": str(self.model_path), "ckpt_path": str(ckpt) if ckpt else None,
-               "rollout": hp.rollout, "dtype": hp.dtype, "k": hp.k, "temperature": hp.temperature,
+               "rollout": hp.rollout, "dtype": self.load_config.dtype, "k": hp.k, "temperature": hp.temperature,
                "top_p": hp.top_p, "max_new_tokens": hp.max_new_tokens, "thinking": hp.thinking,
                "eval_seed": hp.eval_seed, "world_size": world_size,
                "hallucination_phrases": list(hp.hallucination_phrases)}

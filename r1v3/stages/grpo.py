@@ -15,7 +15,7 @@ count optimizer updates, as everywhere in Lightning.
 from __future__ import annotations
 
 import time
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Sequence
 
 import torch
 from torchmetrics import MeanMetric
@@ -44,11 +44,7 @@ class GRPOStage(R1V3Module):
         model_path: str,
         trainable: Sequence[str] = ("vision", "connector", "llm"),
         optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, warmup_ratio=0.0, schedule="constant"),
-        dtype: str = "float32",
-        attn_implementation: str = "sdpa",
-        trust_remote_code: bool = False,
-        groups: Mapping[str, list[str]] | None = None,
-        gradient_checkpointing: bool = False,
+        load: bb.LoadConfig = bb.LoadConfig(),
         export_dir: str | None = None,
         sampling: SamplingConfig = SamplingConfig(),
         rollout: Literal["hf", "vllm"] = "hf",
@@ -79,11 +75,8 @@ class GRPOStage(R1V3Module):
             trainable: Module groups that train; the paper trains all of them in RL.
             optimizer: Optimizer and schedule (the paper: lr 1e-5, and its own ablation finds 1e-6
                 stable; docs/design.md §1).
-            dtype: Dtype the weights load in.
-            attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (CUDA only).
-            trust_remote_code: Allow the checkpoint's own Python code.
-            groups: Module groups for families r1v3 does not know.
-            gradient_checkpointing: Recompute activations in backward.
+            load: How the backbone loads: dtype, attention kernel, remote code, module groups for
+                unknown families, gradient checkpointing.
             export_dir: Save an HF-format checkpoint here when training ends.
             sampling: Rollout sampling: n (= G), temperature, top_p, max_new_tokens, stop.
             rollout: Rollout engine: ``hf`` (generate on the policy) or ``vllm`` (embedded vLLM).
@@ -116,8 +109,7 @@ class GRPOStage(R1V3Module):
             raise bb.BackboneError(f"sampling.n (the group size G) must be at least 2 for GRPO, got {sampling.n}")
         if rollout == "vllm" and not vllm_available():
             raise bb.BackboneError(f"rollout: vllm - {INSTALL_HINT}")
-        super().__init__(model_path, trainable, optimizer, dtype, attn_implementation, trust_remote_code,
-                         groups, gradient_checkpointing, sampling.max_new_tokens, export_dir)
+        super().__init__(model_path, trainable, optimizer, load, sampling.max_new_tokens, export_dir)
         self.automatic_optimization = False
         self.sampling = sampling
         self.vllm_config = vllm  # hparams keep a plain-dict copy; the engine wants the dataclass
@@ -165,8 +157,9 @@ class GRPOStage(R1V3Module):
         the CPU for a KL monitor when the loss has none. Never sharded: under FSDP each rank holds
         a full copy, and its forwards involve no collectives (so ranks may run different numbers)."""
         if self.reference is None:
-            ref = bb.load_backbone(self.model_path, dtype=self.hparams.dtype, device=device or str(self.device),
-                                   trust_remote_code=self.hparams.trust_remote_code, groups=self.hparams.groups)
+            load = self.load_config
+            ref = bb.load_backbone(self.model_path, dtype=load.dtype, device=device or str(self.device),
+                                   trust_remote_code=load.trust_remote_code, groups=load.groups)
             self.reference = [ref.model.eval().requires_grad_(False)]  # a list hides it from Lightning
         return self.reference[0]
 

@@ -13,11 +13,12 @@ a batch is split (rows of 133 and 14 targets: 9.5x). The HF Trainer and TRL norm
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torchmetrics import MeanMetric
 
+from r1v3.backbone import LoadConfig
 from r1v3.chat import parse_response
 from r1v3.rewards.accuracy import is_correct
 from r1v3.stages.base import OptimizerConfig, R1V3Module
@@ -31,11 +32,7 @@ class SFTStage(R1V3Module):
         model_path: str,
         trainable: Sequence[str] = ("llm", "connector"),
         optimizer: OptimizerConfig = OptimizerConfig(),
-        dtype: str = "float32",
-        attn_implementation: str = "sdpa",
-        trust_remote_code: bool = False,
-        groups: Mapping[str, list[str]] | None = None,
-        gradient_checkpointing: bool = False,
+        load: LoadConfig = LoadConfig(),
         max_new_tokens: int = 64,
         export_dir: str | None = None,
         val_generate: bool = True,
@@ -46,19 +43,13 @@ class SFTStage(R1V3Module):
             model_path: HF model directory or hub id (image-text-to-text model + processor).
             trainable: Module groups that train: any of ``vision``, ``connector``, ``llm``.
             optimizer: Optimizer and schedule settings.
-            dtype: Dtype the weights load in (``float32``, ``bfloat16``); autocast is the
-                trainer's ``precision``.
-            attn_implementation: ``sdpa`` (default), ``eager``, or ``flash_attention_2`` (CUDA +
-                flash-attn only).
-            trust_remote_code: Allow the checkpoint's own Python code (off unless you ask).
-            groups: Module groups as parameter-name prefixes, for families r1v3 does not know.
-            gradient_checkpointing: Recompute activations in the backward pass to save memory.
+            load: How the backbone loads: dtype, attention kernel, remote code, module groups for
+                unknown families, gradient checkpointing.
             max_new_tokens: Generation budget for validation and prediction.
             export_dir: Where to save an HF-format checkpoint when training ends.
             val_generate: Generate at validation to report accuracy and format rate.
         """
-        super().__init__(model_path, trainable, optimizer, dtype, attn_implementation,
-                         trust_remote_code, groups, gradient_checkpointing, max_new_tokens, export_dir)
+        super().__init__(model_path, trainable, optimizer, load, max_new_tokens, export_dir)
         self.val_generate = val_generate
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
