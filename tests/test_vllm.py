@@ -197,3 +197,19 @@ def test_eval_stage_with_vllm_engine(tiny_dirs, synth_dir, tmp_path):
     assert stage.banned and set(stage.banned) <= set(stage.engine.suppress_tokens)
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["counts"]["samples"] == 16 and result["settings"]["rollout"] == "vllm"
+
+
+def test_the_trainer_keeps_its_threads_after_the_engine_starts(tmp_path):
+    """vLLM's CPU worker sets torch to one thread and makes torch.set_num_threads a no-op; in-process
+    that would slow the trainer's own update, so the engine gives both back."""
+    configured = torch.get_num_threads()
+    torch.set_num_threads(2)  # the trainer's setting; vLLM would leave it at 1
+    before = torch.get_num_threads()
+    stage, engine = build_pair("internvl", tmp_path)
+    assert torch.get_num_threads() == before == 2
+    torch.set_num_threads(1)  # the real function again: it takes effect
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(configured)
+    assert torch.get_num_threads() == configured
+    prompts = prompts_for(stage.processor)
+    assert greedy(engine, prompts) == greedy(stage.engine, prompts), "the engine still generates as before"
