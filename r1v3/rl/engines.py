@@ -37,12 +37,14 @@ class EngineSession:
     happens at the next entry, right before the engine generates again.
     """
 
-    def __init__(self, engine: RolloutEngine, policy: Callable[[], tuple[torch.nn.Module, Sequence[str] | None]]):
+    def __init__(self, engine: RolloutEngine, policy: Callable[[], tuple[torch.nn.Module, Sequence[str] | None]],
+                 stale: bool = True):
         self.engine, self.policy = engine, policy
-        # The first entry pushes every tensor: the engine was built from a directory, and the
-        # trainer's weights may be another's (a resumed fit, validate --ckpt_path, a model edited
-        # in memory before fit).
-        self.stale = self.force = True
+        # By default the first entry pushes every tensor: the engine was built from a directory,
+        # and the trainer's weights may be another's (a resumed fit, validate --ckpt_path, a model
+        # edited in memory before fit). ``stale=False`` for an engine that samples its own weights
+        # (evaluation, rejection sampling: there is no trainer to push from).
+        self.stale = self.force = stale
         self.last_sync: dict = {}
 
     def mark_stale(self, force: bool = False) -> None:

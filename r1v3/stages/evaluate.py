@@ -183,7 +183,8 @@ class EvalStage(R1V3Module):
         prompts = self.prompts(meta)
         # The collator's encoding serves as is unless the thinking mode rewrote the prompt text.
         encoded = batch.get("encoded") if [p.text for p in prompts] == meta["prompt_text"] else None
-        with torch.random.fork_rng(devices=cuda), EngineSession(self.engine, lambda: (self.model, ())) as engine:
+        session = EngineSession(self.engine, lambda: (self.model, ()), stale=False)  # nothing to push
+        with torch.random.fork_rng(devices=cuda), session as engine:
             rollouts = engine.generate(prompts, self.sampling, seed=seed, encoded=encoded)
         k = self.sampling.n
         records = [{"id": meta["id"][i], "subject": meta["subject"][i], "answer": meta["answer"][i],

@@ -31,7 +31,7 @@ def rejection_sample(model: str, shards: str, out: str, k: int = 4, temperature:
     rollout = build_engine(engine, model_dir=model, model=backbone.model, encoder=PromptEncoder(backbone.processor),
                            tokenizer=backbone.tokenizer, seed=seed, family=backbone.family,
                            suppress_tokens=bb.multimodal_token_ids(backbone.processor))
-    session = EngineSession(rollout, lambda: (backbone.model, ()))
+    session = EngineSession(rollout, lambda: (backbone.model, ()), stale=False)
     reward = load_reward(reward_fn, reward_kwargs)
     sampling = SamplingConfig(n=k, temperature=temperature, max_new_tokens=max_new_tokens)
     stream = ShardStream(load_sources(shards), batch_size=batch_size, shuffle=False, drop_last=False)
