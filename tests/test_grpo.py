@@ -220,6 +220,13 @@ def test_checkpoint_generation_settings_do_not_reach_rollouts(tiny_dirs, synth_d
         stage.setup("fit")
         stage.configure_model()
     assert any(next(iter(setting)) in r.getMessage() and "ignores" in r.getMessage() for r in caplog.records)
+    from transformers import GenerationConfig
+
+    from r1v3.rl.rollout import checkpoint_sampling_settings
+
+    # Token ids and bookkeeping entries are no sampling settings: a plain checkpoint warns of nothing.
+    assert checkpoint_sampling_settings(GenerationConfig.from_pretrained(tiny_dirs["qwen2_5_vl"])) == {}
+    assert checkpoint_sampling_settings(GenerationConfig.from_pretrained(model_dir)) == setting
     data = WebDataModule(train=str(synth_dir / "train"), batch_size=2)
     data.processor, data.collate_mode = stage.processor, "prompt"
     data.setup("fit")
@@ -234,3 +241,38 @@ def test_checkpoint_generation_settings_do_not_reach_rollouts(tiny_dirs, synth_d
     assert mask.sum() >= 16
     assert torch.equal(logits.argmax(-1)[mask], greedy.completion_ids[mask])
     assert stage.model.generation_config.to_diff_dict().items() >= setting.items(), "the export keeps them"
+
+
+def test_a_completion_holding_an_image_placeholder_is_dropped_and_counted(tiny_dirs, synth_dir):
+    # Both engines ban placeholders; this engine forges one into a completion anyway (an engine
+    # bug, a custom engine), which must be dropped before any forward pass sees it.
+    from r1v3.rl.rollout import HFGenerateEngine
+
+    class ForgingEngine(HFGenerateEngine):
+        def generate(self, *args, **kwargs):
+            rollouts = super().generate(*args, **kwargs)
+            rollouts.completion_ids[1, 0] = placeholder
+            self.forged = rollouts.completion_ids.clone(), rollouts.completion_mask.clone()
+            return rollouts
+
+    stage = make_stage(tiny_dirs)
+    stage.setup("fit")
+    stage.configure_model()
+    placeholder = stage.model.config.image_token_id  # the token image features are scattered into
+    assert placeholder in stage.placeholder_ids
+    stage.engine = ForgingEngine(stage.model, stage.encoder, stage.tokenizer, suppress_tokens=stage.placeholder_ids)
+    trainer = run(stage, synth_dir, 1)
+    assert trainer.global_step == 1
+    assert float(trainer.callback_metrics["train/dropped_placeholder_completions"]) == 1.0
+    step = stage.last_rollouts
+    assert step.rollouts.completion_mask[1].sum() == 0 and step.rollouts.finish_reasons[1] == "dropped"
+    assert step.texts[1] == "" and step.scores[1]["reward"] == 0.0
+    assert step.rollouts.completion_mask[[0, 2, 3]].sum() > 0, "the rest of the group stays"
+    # Fed back as it was, the forged row asks for image features that do not exist: the per-row
+    # pass (FSDP, gradient checkpointing) fails on it (the shared pass would read it as text).
+    from r1v3.rl import prefix
+
+    ids, mask = stage.engine.forged
+    tokens, images = step.encoded.batch([0])
+    with pytest.raises(Exception, match="(?i)image"):
+        prefix.per_row_completion_logits(stage.model, tokens, images, ids[1:2], mask[1:2], stage.tokenizer.pad_token_id)

@@ -213,3 +213,31 @@ def test_the_trainer_keeps_its_threads_after_the_engine_starts(tmp_path):
     assert torch.get_num_threads() == configured
     prompts = prompts_for(stage.processor)
     assert greedy(engine, prompts) == greedy(stage.engine, prompts), "the engine still generates as before"
+
+
+def test_a_placeholder_with_the_highest_logit_is_never_emitted(tmp_path):
+    """The ban on image placeholders is hard on both engines. vLLM clamps logit_bias to ±100, so a
+    bias of -100 let a placeholder through once its logit led by more (the engines now whitelist
+    every other token). The model is edited so that a placeholder wins every argmax: the last layer's
+    value bias adds one large constant direction to every hidden state, and the placeholder's output
+    row points along it."""
+    from r1v3.backbone import multimodal_token_ids
+    from r1v3.rl.rollout import HFGenerateEngine, SamplingConfig
+
+    stage, engine = build_pair("qwen2_5_vl", tmp_path)
+    model, lm = stage.model, stage.model.model.language_model
+    placeholder = multimodal_token_ids(stage.processor)[0]
+    with torch.no_grad():
+        last = lm.layers[-1].self_attn
+        last.v_proj.bias.copy_(torch.randn(last.v_proj.bias.shape, generator=torch.Generator().manual_seed(0)) * 50)
+        direction = last.o_proj.weight @ last.v_proj.bias.repeat(last.o_proj.weight.shape[1] // last.v_proj.bias.numel())
+        direction = lm.norm.weight * direction / direction.norm()
+        model.lm_head.weight[placeholder] = 1e3 * direction / direction.norm()
+    engine.sync_weights(model, None, force=True)
+    prompts = prompts_for(stage.processor)
+    unbanned = HFGenerateEngine(model, stage.encoder, stage.tokenizer)
+    assert all(placeholder in row for row in greedy(unbanned, prompts)), "the edit makes it the argmax"
+    for rollouts in (engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=12), seed=0),
+                     stage.engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=12), seed=0)):
+        ids = rollouts.completion_ids[rollouts.completion_mask.bool()]
+        assert len(ids) > 0 and not torch.isin(ids, torch.tensor(multimodal_token_ids(stage.processor))).any()

@@ -58,7 +58,7 @@ class Rollouts:
     completion_mask: torch.Tensor  # [N, T], 1 on generated tokens (EOS included)
     logprobs: torch.Tensor  # [N, T], log-prob of each sampled token under the sampling softmax
     texts: list[str]
-    finish_reasons: list[str]  # "stop" (EOS or a stop string) or "length" (hit max_new_tokens)
+    finish_reasons: list[str]  # "stop" (EOS or a stop string), "length" (hit max_new_tokens) or "dropped"
     group_size: int
 
     @property
@@ -97,7 +97,7 @@ class RolloutEngine(Protocol):
 
 # Entries of a checkpoint's generation config that say nothing about the sampling distribution.
 _NOT_SAMPLING = {"transformers_version", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
-                 "max_length", "max_new_tokens", "use_cache", "return_dict_in_generate", "output_logits"}
+                 "max_length", "max_new_tokens", "use_cache", "return_dict_in_generate", "num_return_sequences"}
 
 
 def checkpoint_sampling_settings(generation_config) -> dict:
@@ -106,7 +106,8 @@ def checkpoint_sampling_settings(generation_config) -> dict:
     ``no_repeat_ngram_size``, a temperature, … Released instruct checkpoints ship such settings."""
     if generation_config is None:
         return {}
-    return {k: v for k, v in generation_config.to_diff_dict().items() if k not in _NOT_SAMPLING}
+    return {k: v for k, v in generation_config.to_diff_dict().items()
+            if k not in _NOT_SAMPLING and not k.startswith(("_", "output_", "cache_"))}
 
 
 def warn_ignored_settings(settings: dict, engine: str) -> None:
@@ -225,6 +226,25 @@ class HFGenerateEngine:
         mask, reasons = completion_mask(completion, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
                                         sampling.max_new_tokens, bool(sampling.stop))
         return completion, mask, logprobs * mask, reasons
+
+
+def drop_completions_with(rollouts: Rollouts, token_ids: Sequence[int], pad_id: int) -> torch.Tensor:
+    """Empty, in place, every completion that holds one of ``token_ids`` (image placeholders), and
+    return which rows were dropped. Both engines ban these tokens; a completion that holds one
+    anyway must never reach a forward pass, where its placeholder would ask for image features
+    that do not exist (the crash the established frameworks report most). The row stays in its
+    group with no token and an empty text (so no reward), and the stage counts it."""
+    if not token_ids:
+        return torch.zeros(len(rollouts.texts), dtype=torch.bool)
+    real = rollouts.completion_mask.bool()
+    hit = (torch.isin(rollouts.completion_ids, torch.tensor(list(token_ids))) & real).any(1)
+    for row in hit.nonzero().flatten().tolist():
+        rollouts.completion_ids[row] = pad_id
+        rollouts.completion_mask[row] = 0
+        rollouts.logprobs[row] = 0.0
+        rollouts.texts[row] = ""
+        rollouts.finish_reasons[row] = "dropped"
+    return hit
 
 
 def completion_mask(ids: torch.Tensor, eos_id: int, pad_id: int, max_new_tokens: int,

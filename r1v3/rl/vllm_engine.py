@@ -114,6 +114,7 @@ class VLLMEngine:
         self.config, self.on_gpu = config, on_gpu
         self.rename, self.group_of = rename, group_of
         self.suppress_tokens = list(suppress_tokens)
+        self._allowed: list[int] | None = None
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             self.llm = LLM(**kwargs)
@@ -144,7 +145,7 @@ class VLLMEngine:
             n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None, logprobs=0, seed=request_seed,
-            logit_bias={t: -100.0 for t in self.suppress_tokens} or None)
+            allowed_token_ids=self._allowed_tokens())
         requests = [{"prompt": p.text, "multi_modal_data": {"image": p.images if len(p.images) > 1 else p.images[0]}}
                     if p.images else {"prompt": p.text} for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -165,6 +166,17 @@ class VLLMEngine:
             mask[i, :len(row)] = 1
             lp_t[i, :len(lps)] = torch.tensor(lps)
         return Rollouts(id_t, mask, lp_t, texts, reasons, sampling.n)
+
+    def _allowed_tokens(self) -> list[int] | None:
+        """Every token but the suppressed ones: a hard ban. vLLM clamps ``logit_bias`` to ±100, so a
+        placeholder token whose logit leads by more than that would still be sampled."""
+        if not self.suppress_tokens:
+            return None
+        if self._allowed is None:
+            banned = set(self.suppress_tokens)
+            vocab = self.llm.llm_engine.model_config.get_vocab_size()
+            self._allowed = [t for t in range(vocab) if t not in banned]
+        return self._allowed
 
     def sync_weights(self, model: torch.nn.Module, groups: Sequence[str] | None = None, force: bool = False) -> dict:
         self.syncs += 1

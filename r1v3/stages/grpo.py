@@ -29,7 +29,7 @@ from r1v3.rl.advantages import group_advantages, zero_variance_groups
 from r1v3.rl.engines import EngineSession, build_engine
 from r1v3.rl.entropy import masked_mean
 from r1v3.rl.losses import aggregate, kl_penalty, micro_batch_share, policy_loss, sequence_kl
-from r1v3.rl.rollout import Prompt, SamplingConfig
+from r1v3.rl.rollout import Prompt, SamplingConfig, drop_completions_with
 from r1v3.rl.trajectory import StepRollouts
 from r1v3.rl.vllm_engine import INSTALL_HINT, VLLMConfig, vllm_available
 from r1v3.stages.base import OptimizerConfig, R1V3Module
@@ -120,6 +120,8 @@ class GRPOStage(R1V3Module):
         self.reference = None
         self.rollout_table = RolloutTable(every=rollout_log_every)
         self.last_rollouts: StepRollouts | None = None  # this step's record, for the callbacks
+        self.placeholder_ids = bb.multimodal_token_ids(self.processor)  # never generated, never fed back
+        self.dropped_placeholder_completions = 0
         self.val_rollouts: list[StepRollouts] = []  # this validation's sampled records
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("accuracy", "reward", "format_rate", "accuracy_greedy")})
@@ -150,7 +152,7 @@ class GRPOStage(R1V3Module):
                 self.hparams.rollout, model_dir=self.model_path, model=self.model, encoder=self.encoder,
                 tokenizer=self.tokenizer, vllm_config=self.vllm_config, seed=self.hparams.rollout_seed,
                 family=self.backbone.family, group_of=self.backbone.group_of,
-                suppress_tokens=bb.multimodal_token_ids(self.processor))
+                suppress_tokens=self.placeholder_ids)
 
     def reference_model(self, device: str | None = None) -> torch.nn.Module:
         """The frozen initial policy (``model_path``), loaded on first use: for the KL loss, or on
@@ -202,8 +204,13 @@ class GRPOStage(R1V3Module):
         if encoded is None:  # a batch from another collator: encode once here
             encoded = self.encoder.encode_each(meta["prompt_text"], meta["pil_images"])
         with self.session as engine:
-            return [StepRollouts(prompts, encoded, engine.generate(prompts, sampling, seed=seed, encoded=encoded), meta)
-                    for sampling, seed in plans]
+            records = [StepRollouts(prompts, encoded, engine.generate(prompts, sampling, seed=seed, encoded=encoded),
+                                    meta) for sampling, seed in plans]
+        for record in records:  # banned on both engines; should one slip through, it never reaches a forward
+            dropped = int(drop_completions_with(record.rollouts, self.placeholder_ids,
+                                                self.tokenizer.pad_token_id).sum())
+            self.dropped_placeholder_completions += dropped
+        return records
 
     def score(self, step: StepRollouts) -> list[dict]:
         """Rewards of every completion (``step.scores``, ``step.rewards``); a zero for the
@@ -242,6 +249,7 @@ class GRPOStage(R1V3Module):
             "update_tokens_per_s": step.n_tokens * self.hparams.num_iterations / max(stats["update_s"], 1e-9),
             **stats, **{f"sync_{k}": v for k, v in self.session.last_sync.items()}}
         self.session.last_sync = {}
+        logs["dropped_placeholder_completions"] = self.dropped_placeholder_completions  # cumulative
         for key, value in (getattr(self.reward_fn, "stats", None) or {}).items():
             logs[f"reward_{key}"] = value  # cumulative: timeouts, errors, judge flips
         self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, batch_size=len(step.prompts))
