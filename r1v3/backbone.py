@@ -221,16 +221,38 @@ def check_model_path(path: str | Path) -> None:
         raise BackboneError(f"model directory {path} does not exist (build one with `r1v3 tiny --out {path}`)")
 
 
+# The processor class of each family r1v3 knows, by the model config's model_type.
+_FAMILY_PROCESSOR = {"internvl": "InternVLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                     "qwen2_vl": "Qwen2VLProcessor", "llava": "LlavaProcessor"}
+
+
 def load_processor(path: str | Path, trust_remote_code: bool = False):
+    """The checkpoint's processor, as transformers loads it; where that yields no image processor
+    (a processor class transformers does not know, so ``AutoProcessor`` returns a bare tokenizer),
+    the model config's ``model_type`` picks the family's processor instead, with one warning."""
     from transformers import AutoProcessor
 
     check_model_path(path)
     config_file = Path(path) / "processor_config.json"
-    if config_file.is_file() and importlib.util.find_spec("torchvision") is None:
+    no_torchvision = importlib.util.find_spec("torchvision") is None
+    if config_file.is_file() and no_torchvision:
         name = json.loads(config_file.read_text()).get("processor_class")
         if name in _NO_VIDEO:
             return _NO_VIDEO[name].from_pretrained(str(path))
-    return AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if hasattr(processor, "image_processor"):
+        return processor
+    model_file = Path(path) / "config.json"
+    model_type = json.loads(model_file.read_text()).get("model_type") if model_file.is_file() else None
+    name = _FAMILY_PROCESSOR.get(model_type)
+    if name is None:
+        return processor  # the stage refuses it if the data has images (r1v3.encoding)
+    import transformers
+
+    family_class = _NO_VIDEO[name] if no_torchvision and name in _NO_VIDEO else getattr(transformers, name)
+    log.warning("[r1v3] %s: AutoProcessor gave a %s without an image processor; loading %s for model_type %r",
+                path, type(processor).__name__, family_class.__name__, model_type)
+    return family_class.from_pretrained(str(path))
 
 
 def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str | None = "sdpa",

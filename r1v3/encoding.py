@@ -117,12 +117,22 @@ class PromptEncoder:
         return getattr(self.processor, "tokenizer", self.processor)
 
     def encode(self, texts: list[str], images: list[list]) -> dict:
-        """One processor call over a batch: left-padded tokens and its images' tensors."""
+        """One processor call over a batch: left-padded tokens and its images' tensors. A processor
+        that cannot encode the images is refused: a tokenizer would drop them without a word, and
+        the run would train on the placeholders' text alone."""
         kwargs = dict(text=texts, padding=True, padding_side="left", return_tensors="pt")
-        if any(images):
+        has_images = any(images)
+        if has_images:
+            if not hasattr(self.processor, "image_processor"):
+                raise UserError(f"the data has images but the model's processor is a {type(self.processor).__name__} "
+                                "with no image processor, so the images would be dropped: give the checkpoint a "
+                                "processor_config.json naming a processor class transformers knows")
             kwargs["images"] = images
             kwargs.update(self._image_kwargs)
-        return dict(self.processor(**kwargs))
+        out = dict(self.processor(**kwargs))
+        if has_images and not any(k not in TOKEN_KEYS for k in out):
+            raise UserError(f"{type(self.processor).__name__} returned no image tensors for images it was given")
+        return out
 
     def encode_prompts(self, texts: list[str], images: list[list]) -> tuple[dict, dict]:
         """Rendered prompt texts + their images → (token tensors, image tensors), left-padded."""

@@ -80,3 +80,32 @@ def test_processor_saved_under_transformers_name(tiny_dirs):
     for family, expected in (("internvl", "InternVLProcessor"), ("qwen2_5_vl", "Qwen2_5_VLProcessor")):
         config = json.loads((tiny_dirs[family] / "processor_config.json").read_text())
         assert config["processor_class"] == expected
+
+
+def test_an_unknown_processor_class_falls_back_on_the_model_type(tiny_dirs, tmp_path, caplog):
+    # Another program saved the processor under a class name transformers does not know, and no
+    # video-processor file: AutoProcessor alone returns a bare tokenizer, which drops the images.
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from r1v3.encoding import PromptEncoder
+    from r1v3.errors import UserError
+
+    model_dir = shutil.copytree(tiny_dirs["internvl"], tmp_path / "elsewhere")
+    (model_dir / "video_preprocessor_config.json").unlink(missing_ok=True)
+    config = json.loads((model_dir / "processor_config.json").read_text())
+    (model_dir / "processor_config.json").write_text(json.dumps(config | {"processor_class": "FancyVLProcessor"}))
+    with caplog.at_level("WARNING"):
+        processor = bb.load_processor(model_dir)
+    assert hasattr(processor, "image_processor") and any("model_type" in r.getMessage() for r in caplog.records)
+    image = Image.new("RGB", (64, 64), "red")
+    from r1v3.chat import render_prompt
+
+    text = render_prompt(processor, "<image>\nHow many?", 1)
+    tokens, images = PromptEncoder(processor).encode_prompts([text], [[image]])
+    assert "pixel_values" in images
+    # A processor that cannot encode images is refused in one line, never trained on blind.
+    with pytest.raises(UserError, match="no image processor"):
+        PromptEncoder(processor.tokenizer).encode_prompts([text], [[image]])
