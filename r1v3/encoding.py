@@ -116,6 +116,12 @@ class PromptEncoder:
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
+    @property
+    def image_kwargs(self) -> dict:
+        """The image settings of every processor call, for an engine that runs the processor
+        itself (vLLM's ``mm_processor_kwargs``): both sides then encode an image the same way."""
+        return dict(self._image_kwargs)
+
     def encode(self, texts: list[str], images: list[list]) -> dict:
         """One processor call over a batch: left-padded tokens and its images' tensors. A processor
         that cannot encode the images is refused: a tokenizer would drop them without a word, and

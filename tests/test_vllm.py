@@ -241,3 +241,36 @@ def test_a_placeholder_with_the_highest_logit_is_never_emitted(tmp_path):
                      stage.engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=12), seed=0)):
         ids = rollouts.completion_ids[rollouts.completion_mask.bool()]
         assert len(ids) > 0 and not torch.isin(ids, torch.tensor(multimodal_token_ids(stage.processor))).any()
+
+
+def test_the_engine_encodes_images_with_the_trainers_tiling(tmp_path):
+    """InternVL tiles an image into up to max_patches crops plus a thumbnail, per processor call.
+    The trainer's settings reach vLLM's processor, so both make the same prompt tokens (image tokens
+    included); an engine left at the processor's defaults does not."""
+    from r1v3 import backbone as bb
+    from r1v3.encoding import PromptEncoder
+    from r1v3.rl.engines import build_engine
+    from r1v3.rl.vllm_engine import VLLMConfig
+    from r1v3.tools.tiny import build_tiny
+
+    model_dir = build_tiny("internvl", tmp_path / "internvl")
+    processor = bb.load_processor(model_dir)
+    encoder = PromptEncoder(processor, max_tiles=4)
+    from PIL import Image
+
+    from r1v3.chat import render_prompt
+    from r1v3.rl.rollout import Prompt
+
+    # Wide and larger than one tile (the tiny preset's tiles are 384 px): a 2x1 grid plus a thumbnail.
+    prompts = [Prompt(render_prompt(processor, "<image>\nHow many red shapes are there?", 1),
+                      [Image.new("RGB", (800, 400), colour)]) for colour in ("red", "blue")]
+    trainer_ids = [t["input_ids"].tolist() for t in encoder.encode_each([p.text for p in prompts],
+                                                                        [p.images for p in prompts]).tokens]
+    engine = build_engine("vllm", model_dir=str(model_dir), model=None, encoder=encoder, tokenizer=processor.tokenizer,
+                          vllm_config=VLLMConfig(max_model_len=1024), family="internvl")
+    assert engine.prompt_token_ids(prompts) == trainer_ids
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert trainer_ids[0].count(image_token) > processor.image_seq_length, "tiled: more than one crop"
+    untold = build_engine("vllm", model_dir=str(model_dir), model=None, encoder=None, tokenizer=processor.tokenizer,
+                          vllm_config=VLLMConfig(max_model_len=1024), family="internvl")
+    assert untold.prompt_token_ids(prompts) != trainer_ids, "left at the processor's defaults it encodes one crop"

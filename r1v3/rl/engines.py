@@ -20,12 +20,14 @@ def build_engine(kind: Literal["hf", "vllm"], *, model_dir: str, model: torch.nn
                  vllm_config=None, seed: int = 0, family: str = "", group_of: Callable[[str], str | None] | None = None,
                  suppress_tokens: Sequence[int] = (), max_batch_rows: int = 256) -> RolloutEngine:
     """``hf``: ``generate`` on ``model`` itself. ``vllm``: an embedded vLLM engine on ``model_dir``
-    (its weights then come from ``sync_weights``)."""
+    (its weights then come from ``sync_weights``), given the trainer's image settings (tiling,
+    resolution) so that it encodes each image as the trainer does."""
     if kind == "vllm":
         from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine, vllm_name_mapper
 
         return VLLMEngine(model_dir, vllm_config or VLLMConfig(), seed=seed, rename=vllm_name_mapper(family),
-                          group_of=group_of, suppress_tokens=suppress_tokens)
+                          group_of=group_of, suppress_tokens=suppress_tokens,
+                          mm_processor_kwargs=getattr(encoder, "image_kwargs", None))
     return HFGenerateEngine(model, encoder, tokenizer, max_batch_rows=max_batch_rows, suppress_tokens=suppress_tokens)
 
 

@@ -85,7 +85,7 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, config: VLLMConfig = VLLMConfig(), seed: int = 0,
                  rename: Callable[[str], str] = lambda n: n, group_of: Callable[[str], str | None] | None = None,
-                 suppress_tokens: Sequence[int] = ()):
+                 suppress_tokens: Sequence[int] = (), mm_processor_kwargs: dict | None = None):
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # tensors cannot cross processes
@@ -103,6 +103,8 @@ class VLLMEngine:
         kwargs = dict(model=str(model_dir), seed=seed, max_model_len=config.max_model_len,
                       limit_mm_per_prompt={"image": config.max_images_per_prompt},
                       tensor_parallel_size=config.tensor_parallel_size, generation_config="vllm")
+        if mm_processor_kwargs:  # the trainer's image settings (InternVL tiling, Qwen pixel bounds)
+            kwargs["mm_processor_kwargs"] = dict(mm_processor_kwargs)
         if on_gpu:
             kwargs.update(dtype=config.dtype, enforce_eager=config.enforce_eager,
                           gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.sleep_mode)
@@ -146,9 +148,7 @@ class VLLMEngine:
             top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None, logprobs=0, seed=request_seed,
             allowed_token_ids=self._allowed_tokens())
-        requests = [{"prompt": p.text, "multi_modal_data": {"image": p.images if len(p.images) > 1 else p.images[0]}}
-                    if p.images else {"prompt": p.text} for p in prompts]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(self._requests(prompts), params, use_tqdm=False)
         ids, logprobs, texts, reasons = [], [], [], []
         for out in outputs:
             for comp in out.outputs:
@@ -166,6 +166,19 @@ class VLLMEngine:
             mask[i, :len(row)] = 1
             lp_t[i, :len(lps)] = torch.tensor(lps)
         return Rollouts(id_t, mask, lp_t, texts, reasons, sampling.n)
+
+    def prompt_token_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """The token ids vLLM makes of each prompt, image tokens included: what it conditions on,
+        to compare with the trainer's encoding."""
+        from vllm import SamplingParams
+
+        outputs = self.llm.generate(self._requests(prompts), SamplingParams(max_tokens=1), use_tqdm=False)
+        return [list(out.prompt_token_ids) for out in outputs]
+
+    @staticmethod
+    def _requests(prompts: Sequence[Prompt]) -> list[dict]:
+        return [{"prompt": p.text, "multi_modal_data": {"image": p.images if len(p.images) > 1 else p.images[0]}}
+                if p.images else {"prompt": p.text} for p in prompts]
 
     def _allowed_tokens(self) -> list[int] | None:
         """Every token but the suppressed ones: a hard ban. vLLM clamps ``logit_bias`` to ±100, so a
