@@ -274,3 +274,40 @@ def test_the_engine_encodes_images_with_the_trainers_tiling(tmp_path):
     untold = build_engine("vllm", model_dir=str(model_dir), model=None, encoder=None, tokenizer=processor.tokenizer,
                           vllm_config=VLLMConfig(max_model_len=1024), family="internvl")
     assert untold.prompt_token_ids(prompts) != trainer_ids, "left at the processor's defaults it encodes one crop"
+
+
+def test_a_run_whose_engine_encodes_images_differently_stops_at_once(tmp_path):
+    """The stage compares the engine's prompt tokens with its own at the first rollout. Built by
+    the stage, the engine gets the data module's tiling and the run trains; an engine left at the
+    processor's defaults sees one crop where the trainer sees three, and the run stops in one line."""
+    from lightning.pytorch import Trainer
+    from PIL import Image
+
+    from r1v3.data_modules.shards import write_shards
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.errors import UserError
+    from r1v3.rl.rollout import SamplingConfig
+    from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine
+    from r1v3.stages.grpo import GRPOStage
+    from r1v3.tools.tiny import build_tiny
+
+    model_dir = build_tiny("internvl", tmp_path / "internvl")
+    samples = [{"id": f"wide{i}", "question": "<image>\nWhat colour is the picture?", "answer": colour,
+                "images": [Image.new("RGB", (800, 400), colour)]}
+               for i, colour in enumerate(["red", "blue", "green", "red"])]
+    write_shards(samples, str(tmp_path / "data" / "train-%06d.tar"))
+
+    def fit(engine=None):
+        stage = GRPOStage(str(model_dir), rollout="vllm", vllm=VLLMConfig(max_model_len=1024),
+                          sampling=SamplingConfig(n=2, max_new_tokens=4), reward_fn="test_vllm.length_reward",
+                          rollout_log_every=0)
+        stage.engine = engine
+        trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(stage, datamodule=WebDataModule(train=str(tmp_path / "data"), batch_size=2, max_tiles=4))
+        return trainer
+
+    assert fit().global_step == 1
+    untold = VLLMEngine(str(model_dir), VLLMConfig(max_model_len=1024))
+    with pytest.raises(UserError, match="encode sample 'wide.' differently: .* in the engine, .* in the trainer"):
+        fit(untold)

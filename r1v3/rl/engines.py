@@ -13,7 +13,9 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from r1v3.rl.rollout import HFGenerateEngine, RolloutEngine
+from r1v3.encoding import EncodedPrompts
+from r1v3.errors import UserError
+from r1v3.rl.rollout import HFGenerateEngine, Prompt, RolloutEngine
 
 
 def build_engine(kind: Literal["hf", "vllm"], *, model_dir: str, model: torch.nn.Module | None, encoder, tokenizer,
@@ -66,3 +68,23 @@ class EngineSession:
 
     def __exit__(self, *exc) -> None:
         self.engine.sleep()
+
+
+def check_prompt_agreement(engine: RolloutEngine, prompts: Sequence[Prompt], encoded: EncodedPrompts,
+                           ids: Sequence, placeholder_ids: Sequence[int], image_kwargs: dict) -> None:
+    """An engine that runs its own processor (vLLM) must condition on the prompt tokens the trainer
+    encodes, image tokens included, or every sample is trained on a prompt it was not drawn from.
+    A mismatch is one ``UserError`` naming both sides; an engine that takes the trainer's
+    encoding (HF) agrees by construction."""
+    if not hasattr(engine, "prompt_token_ids"):
+        return
+    placeholders = set(placeholder_ids)
+    for i, engine_ids in enumerate(engine.prompt_token_ids(prompts)):
+        trainer_ids = encoded.tokens[i]["input_ids"].tolist()
+        if engine_ids != trainer_ids:
+            images = [sum(t in placeholders for t in seq) for seq in (engine_ids, trainer_ids)]
+            raise UserError(
+                f"the rollout engine and the trainer encode sample {ids[i]!r} differently: {len(engine_ids)} tokens "
+                f"({images[0]} image tokens) in the engine, {len(trainer_ids)} ({images[1]} image tokens) in the "
+                f"trainer, whose image settings are {image_kwargs or 'the processor defaults'}; give the engine "
+                "the same (the stage passes it the data module's max_tiles / min_pixels / max_pixels)")

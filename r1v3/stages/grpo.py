@@ -26,7 +26,7 @@ from r1v3.encoding import PromptEncoder
 from r1v3.rewards import load_reward
 from r1v3.rl import scoring
 from r1v3.rl.advantages import group_advantages, zero_variance_groups
-from r1v3.rl.engines import EngineSession, build_engine
+from r1v3.rl.engines import EngineSession, build_engine, check_prompt_agreement
 from r1v3.rl.entropy import masked_mean
 from r1v3.rl.losses import aggregate, kl_penalty, micro_batch_share, policy_loss, sequence_kl
 from r1v3.rl.rollout import Prompt, SamplingConfig, drop_completions_with
@@ -122,6 +122,7 @@ class GRPOStage(R1V3Module):
         self.last_rollouts: StepRollouts | None = None  # this step's record, for the callbacks
         self.placeholder_ids = bb.multimodal_token_ids(self.processor)  # never generated, never fed back
         self.dropped_placeholder_completions = 0
+        self._agreement_checked = False
         self.val_rollouts: list[StepRollouts] = []  # this validation's sampled records
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("accuracy", "reward", "format_rate", "accuracy_greedy")})
@@ -204,6 +205,10 @@ class GRPOStage(R1V3Module):
         if encoded is None:  # a batch from another collator: encode once here
             encoded = self.encoder.encode_each(meta["prompt_text"], meta["pil_images"])
         with self.session as engine:
+            if not self._agreement_checked:  # once: the engine conditions on the trainer's prompt tokens
+                check_prompt_agreement(engine, prompts[:2], encoded, meta["id"], self.placeholder_ids,
+                                       self.encoder.image_kwargs)
+                self._agreement_checked = True
             records = [StepRollouts(prompts, encoded, engine.generate(prompts, sampling, seed=seed, encoded=encoded),
                                     meta) for sampling, seed in plans]
         for record in records:  # banned on both engines; should one slip through, it never reaches a forward
