@@ -221,6 +221,31 @@ def check_model_path(path: str | Path) -> None:
         raise BackboneError(f"model directory {path} does not exist (build one with `r1v3 tiny --out {path}`)")
 
 
+# Processors that insist on a video half, and the video processor type a minimal
+# video_preprocessor_config.json names: where torchvision exists (vLLM's environment) the processor
+# loads from that file alone, and writing it needs no torchvision.
+VIDEO_PROCESSOR = {"InternVLProcessor": "InternVLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor"}
+VIDEO_FILE = "video_preprocessor_config.json"
+
+
+def save_processor(processor, out: str | Path) -> None:
+    """``save_pretrained``, plus the video-processor file a processor saved without torchvision
+    lacks: an export from the core environment then loads in vLLM's (which has torchvision)."""
+    out = Path(out)
+    processor.save_pretrained(str(out))
+    config = out / "processor_config.json"
+    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+    if name in VIDEO_PROCESSOR and not (out / VIDEO_FILE).exists():
+        (out / VIDEO_FILE).write_text(json.dumps({"video_processor_type": VIDEO_PROCESSOR[name]}))
+
+
+def needs_video_file(path: str | Path) -> str | None:
+    """The processor class of a checkpoint whose processor needs a video-processor file it lacks."""
+    config = Path(path) / "processor_config.json"
+    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+    return name if name in VIDEO_PROCESSOR and not (Path(path) / VIDEO_FILE).exists() else None
+
+
 # The processor class of each family r1v3 knows, by the model config's model_type.
 _FAMILY_PROCESSOR = {"internvl": "InternVLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
                      "qwen2_vl": "Qwen2VLProcessor", "llava": "LlavaProcessor"}
@@ -239,7 +264,15 @@ def load_processor(path: str | Path, trust_remote_code: bool = False):
         name = json.loads(config_file.read_text()).get("processor_class")
         if name in _NO_VIDEO:
             return _NO_VIDEO[name].from_pretrained(str(path))
-    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except OSError as err:  # e.g. "Can't load video processor": the file is optional for training
+        name = needs_video_file(path)
+        if name not in _NO_VIDEO:
+            raise
+        log.warning("[r1v3] %s: no %s (%s); loading %s without its video half", path, VIDEO_FILE,
+                    str(err).splitlines()[0][:80], name)
+        return _NO_VIDEO[name].from_pretrained(str(path))
     if hasattr(processor, "image_processor"):
         return processor
     model_file = Path(path) / "config.json"

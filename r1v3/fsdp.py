@@ -25,7 +25,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from r1v3.backbone import BackboneError
+from r1v3.backbone import BackboneError, save_processor
 from r1v3.distributed import is_sharded, max_over_ranks, synced_generate, world_size  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -315,6 +315,6 @@ def export_sharded(module, out: Path) -> Path:
                  if k.startswith("model.")}
     if torch.distributed.get_rank() == 0:
         model.save_pretrained(out, state_dict=state)
-        module.processor.save_pretrained(out)
+        save_processor(module.processor, out)
     torch.distributed.barrier()
     return out

@@ -311,3 +311,47 @@ def test_a_run_whose_engine_encodes_images_differently_stops_at_once(tmp_path):
     untold = VLLMEngine(str(model_dir), VLLMConfig(max_model_len=1024))
     with pytest.raises(UserError, match="encode sample 'wide.' differently: .* in the engine, .* in the trainer"):
         fit(untold)
+
+
+def test_an_sft_export_from_the_core_venv_starts_grpo_on_vllm(tmp_path, tiny_dirs, synth_dir):
+    """The stages chain across the two environments: SFT exports in the core venv (no torchvision,
+    so its processor has no video half), GRPO on the vLLM engine starts from that export here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lightning.pytorch import Trainer
+
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.rl.rollout import SamplingConfig
+    from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine
+    from r1v3.stages.grpo import GRPOStage
+
+    repo = Path(__file__).resolve().parents[1]
+    venv = Path(os.environ.get("R1V3_VENV", repo / ".venv"))
+    core = venv / "bin" / "python"
+    if not core.exists() or venv.resolve() == Path(sys.prefix).resolve():
+        pytest.skip(f"the core venv ({venv}, from `bash .ci/setup.sh`) is absent: no export to chain from")
+    export = tmp_path / "sft"
+    script = f"""
+from lightning.pytorch import Trainer
+from r1v3.data_modules.webdata import WebDataModule
+from r1v3.stages.sft import SFTStage
+stage = SFTStage({str(tiny_dirs["internvl"])!r}, val_generate=False, export_dir={str(export)!r})
+Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0).fit(
+    stage, datamodule=WebDataModule(train={str(synth_dir / "train")!r}, batch_size=2))
+"""
+    done = subprocess.run([str(core), "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (export / "video_preprocessor_config.json").exists(), "the export carries what vLLM's processor needs"
+    stage = GRPOStage(str(export), rollout="vllm", vllm=VLLMConfig(max_model_len=512),
+                      sampling=SamplingConfig(n=2, max_new_tokens=6), reward_fn="test_vllm.length_reward",
+                      rollout_log_every=0)
+    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(stage, datamodule=WebDataModule(train=str(synth_dir / "train"), batch_size=2))
+    assert isinstance(stage.engine, VLLMEngine) and trainer.global_step == 1
+    assert float(trainer.callback_metrics["train/logprob_gap"]) < 1e-3

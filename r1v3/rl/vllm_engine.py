@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from r1v3.backbone import VIDEO_FILE, VIDEO_PROCESSOR, needs_video_file
+from r1v3.errors import UserError
 from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig, checkpoint_sampling_settings, warn_ignored_settings
 from r1v3.rl.weight_sync import bucketize, trainable_state
 
@@ -96,6 +98,10 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError:
             raise RuntimeError(INSTALL_HINT) from None
+        missing = needs_video_file(model_dir)
+        if missing:  # vLLM's processor for these families loads its video half too, and fails deep inside
+            raise UserError(f"{model_dir} has no {VIDEO_FILE}, which vLLM's {missing} needs: add one holding "
+                            f'{{"video_processor_type": "{VIDEO_PROCESSOR[missing]}"}} (r1v3 exports write it)')
         # generation_config="vllm": the checkpoint's generation_config.json (repetition_penalty,
         # min_p, …) must not become the engine's sampling defaults; rollouts sample the plain
         # temperature-scaled distribution that the trainer scores.

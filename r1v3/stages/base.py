@@ -325,7 +325,7 @@ class R1V3Module(LightningModule):
         if fsdp.is_sharded(self.model):  # a collective: every rank gathers, rank 0 writes
             return fsdp.export_sharded(self, out)
         self.model.save_pretrained(out)
-        self.processor.save_pretrained(out)
+        bb.save_processor(self.processor, out)
         return out
 
     def on_train_end(self) -> None:

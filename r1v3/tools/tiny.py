@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from r1v3.backbone import save_processor
+
 FAMILIES = ("internvl", "qwen2_5_vl", "llava")
 SIZES = ("tiny", "small", "medium")
 
@@ -258,14 +260,9 @@ def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
     generation.pad_token_id = tokenizer.pad_token_id
     generation.bos_token_id = tokenizer.bos_token_id
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_processor(processor, out)  # with the video-processor file vLLM's environment needs
     if family == "llava":
         _nest_clip_tower(out / "model.safetensors")
-    if family in VIDEO_PROCESSOR:
-        # Where torchvision exists (e.g. the vLLM environment) the real processor also loads its
-        # video half; this file is all it needs, and writing it needs no torchvision.
-        (out / "video_preprocessor_config.json").write_text(
-            json.dumps({"video_processor_type": VIDEO_PROCESSOR[family]}))
     n_params = sum(p.numel() for p in model.parameters())
     (out / "r1v3_tiny.json").write_text(json.dumps(
         {"family": family, "size": size, "seed": seed, "params": n_params,
@@ -273,7 +270,6 @@ def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
     return out
 
 
-VIDEO_PROCESSOR = {"internvl": "InternVLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor"}
 
 
 def _nest_clip_tower(path: Path) -> None:
