@@ -355,3 +355,18 @@ Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False
     trainer.fit(stage, datamodule=WebDataModule(train=str(synth_dir / "train"), batch_size=2))
     assert isinstance(stage.engine, VLLMEngine) and trainer.global_step == 1
     assert float(trainer.callback_metrics["train/logprob_gap"]) < 1e-3
+
+
+def test_engine_threads_benchmark_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "engine_threads.py"
+    done = subprocess.run([sys.executable, str(script), "--size", "tiny", "--repeats", "1", "--max-new-tokens", "8",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["threads_after_engine"] == result["threads_before_engine"]
+    assert result["update_s_before_engine"] > 0 and result["update_s_after_engine"] > 0
