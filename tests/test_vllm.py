@@ -25,7 +25,7 @@ def prompts_for(processor, n=2):
                    [Image.new("RGB", (64, 64), colours[i % 4])]) for i in range(n)]
 
 
-def build_pair(family, tmp_path, trainable=None, generation=None):
+def build_pair(family, tmp_path, trainable=None, generation=None, tied=False):
     """A tiny model dir, a GRPO stage on it (HF engine) and a vLLM engine from the same dir.
     ``generation`` adds settings to the dir's generation_config.json, as released checkpoints have."""
     import json
@@ -35,7 +35,7 @@ def build_pair(family, tmp_path, trainable=None, generation=None):
     from r1v3.stages.grpo import GRPOStage
     from r1v3.tools.tiny import build_tiny
 
-    model_dir = build_tiny(family, tmp_path / family)
+    model_dir = build_tiny(family, tmp_path / family, tied=tied)
     if generation:
         config_file = model_dir / "generation_config.json"
         config_file.write_text(json.dumps(json.loads(config_file.read_text()) | generation))
@@ -370,3 +370,17 @@ def test_engine_threads_benchmark_smoke(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["threads_after_engine"] == result["threads_before_engine"]
     assert result["update_s_before_engine"] > 0 and result["update_s_after_engine"] > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_tied_embeddings_keep_parity_after_sync(family, tmp_path):
+    """Input and output embeddings tied, as in many released checkpoints: weight sync is where a
+    tied pair usually goes wrong (one name pushed, the other left stale)."""
+    stage, engine = build_pair(family, tmp_path, tied=True)
+    model = stage.model
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    prompts = prompts_for(stage.processor)
+    assert greedy(engine, prompts) == greedy(stage.engine, prompts), "parity before training"
+    train_a_little(stage, prompts)
+    engine.sync_weights(stage.model, stage.trainable)
+    assert greedy(engine, prompts) == greedy(stage.engine, prompts), "parity after sync"

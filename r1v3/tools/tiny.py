@@ -172,13 +172,15 @@ def build_processor(family: str, tokenizer, preset: Preset):
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 
-def build_config(family: str, preset: Preset, tokenizer):
+def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
+    """``tied``: the output embedding shares the input embedding's weights, as in many released
+    checkpoints (the small Qwen2.5 language models, for one)."""
     vocab = len(tokenizer)
     text = dict(
         vocab_size=vocab, hidden_size=preset.text_hidden, num_hidden_layers=preset.text_layers,
         num_attention_heads=preset.text_heads, num_key_value_heads=preset.text_kv_heads,
         intermediate_size=preset.text_intermediate, max_position_embeddings=4096,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     if family == "internvl":
@@ -194,7 +196,7 @@ def build_config(family: str, preset: Preset, tokenizer):
             vision_config=vision, text_config=Qwen2Config(**text),
             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
             image_seq_length=(preset.image_size // preset.patch) ** 2 // 4,
-            downsample_ratio=0.5, tie_word_embeddings=False,
+            downsample_ratio=0.5, tie_word_embeddings=tied,
         )
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
@@ -218,7 +220,7 @@ def build_config(family: str, preset: Preset, tokenizer):
             video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
             vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
             vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
         )
     if family == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
@@ -233,14 +235,15 @@ def build_config(family: str, preset: Preset, tokenizer):
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             image_seq_length=(preset.image_size // preset.patch) ** 2,
             vision_feature_select_strategy="default", vision_feature_layer=-1,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
         )
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 
 def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
-               corpus: Sequence[str] | None = None) -> Path:
-    """Build a random ``family`` model of preset ``size`` and save model + processor to ``out``."""
+               corpus: Sequence[str] | None = None, tied: bool = False) -> Path:
+    """Build a random ``family`` model of preset ``size`` and save model + processor to ``out``;
+    ``tied`` shares the input and output embeddings."""
     from transformers import AutoModelForImageTextToText
 
     if family not in FAMILIES:
@@ -252,7 +255,7 @@ def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(family, corpus or _fallback_corpus(), preset.vocab_size)
     processor = build_processor(family, tokenizer, preset)
-    config = build_config(family, preset, tokenizer)
+    config = build_config(family, preset, tokenizer, tied)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     generation = model.generation_config
@@ -265,7 +268,7 @@ def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
         _nest_clip_tower(out / "model.safetensors")
     n_params = sum(p.numel() for p in model.parameters())
     (out / "r1v3_tiny.json").write_text(json.dumps(
-        {"family": family, "size": size, "seed": seed, "params": n_params,
+        {"family": family, "size": size, "seed": seed, "tied": tied, "params": n_params,
          "image_size": preset.image_size}, indent=1))
     return out
 
@@ -291,8 +294,9 @@ def tiny_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tied", action="store_true", help="share the input and output embeddings")
     args = parser.parse_args(argv)
-    out = build_tiny(args.family, args.out, size=args.size, seed=args.seed)
+    out = build_tiny(args.family, args.out, size=args.size, seed=args.seed, tied=args.tied)
     print(json.dumps(json.loads((out / "r1v3_tiny.json").read_text()) | {"out": str(out)}))
     return 0
 
