@@ -82,7 +82,7 @@ class SFTStage(R1V3Module):
     def on_before_optimizer_step(self, optimizer) -> None:
         k, window = self.trainer.accumulate_grad_batches, self._window_tokens
         self._window_tokens = 0
-        if k > 1 and window:
+        if k > 1:  # every rank joins the reduce, even one whose window held no target token
             world = self.trainer.world_size
             total = float(self.trainer.strategy.reduce(torch.tensor(float(window), device=self.device),
                                                        reduce_op="sum")) if world > 1 else window
