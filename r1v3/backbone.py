@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from transformers import InternVLProcessor, Qwen2_5_VLProcessor
 
+from r1v3.encoding import multimodal_tokens
 from r1v3.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -320,20 +321,9 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
     return backbone
 
 
-_MM_TOKEN_ATTRS = ("image_token", "video_token", "start_image_token", "end_image_token",
-                   "context_image_token", "vision_start_token", "vision_end_token", "boi_token", "eoi_token")
-
-
 def multimodal_token_ids(processor) -> list[int]:
     """Ids of image/video placeholder tokens. Generation must never emit them: a completion holding
     one would no longer match its images when fed back for the loss."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    ids = set()
-    for attr in _MM_TOKEN_ATTRS:
-        for owner in (processor, tokenizer):
-            token = getattr(owner, attr, None)
-            if isinstance(token, str):
-                token_id = tokenizer.convert_tokens_to_ids(token)
-                if token_id is not None and token_id != tokenizer.unk_token_id:
-                    ids.add(int(token_id))
-    return sorted(ids)
+    ids = {tokenizer.convert_tokens_to_ids(token) for token in multimodal_tokens(processor)}
+    return sorted(int(i) for i in ids if i is not None and i != tokenizer.unk_token_id)

@@ -52,6 +52,30 @@ def image_kwargs(family: str, min_pixels: int | None, max_pixels: int | None,
     return {}
 
 
+_MM_TOKEN_ATTRS = ("image_token", "video_token", "start_image_token", "end_image_token",
+                   "context_image_token", "vision_start_token", "vision_end_token", "boi_token", "eoi_token")
+QUESTION_IMAGE_MARK = "<image>"  # how a question marks where an image goes (r1v3.chat)
+
+
+def multimodal_tokens(processor) -> set[str]:
+    """The processor's image/video special tokens as text (``<IMG_CONTEXT>``, ``<|image_pad|>``, …)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return {token for attr in _MM_TOKEN_ATTRS for owner in (processor, tokenizer)
+            for token in [getattr(owner, attr, None)] if isinstance(token, str)}
+
+
+def check_question_text(sample: dict, processor) -> None:
+    """A question must not hold the model's image special tokens as text: the processor would
+    expand the real images beside them, and the model would find more image tokens than image
+    features (the mismatch crash the established frameworks report most), deep in a forward."""
+    question = sample.get("question") or ""
+    found = sorted(t for t in multimodal_tokens(processor) - {QUESTION_IMAGE_MARK} if t in question)
+    if found:
+        raise UserError(f"sample {sample.get('id')!r}: its question holds the model's image token(s) {found} as "
+                        f"text, which would not match its {len(sample.get('images') or [])} image(s); mark images "
+                        f"with {QUESTION_IMAGE_MARK} only")
+
+
 def split_encoding(enc: dict) -> tuple[dict, dict]:
     """A processor output → (token tensors, image tensors)."""
     return ({k: v for k, v in enc.items() if k in TOKEN_KEYS},

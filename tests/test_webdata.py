@@ -199,3 +199,17 @@ def test_several_evaluation_sources_are_read_once_each_in_order(synth_dir):
     plan = webdata.epoch_plan(sources, seed=0, epoch=0, shuffle=False)
     assert len(plan) == len(set(plan)) == sources[0].size + sources[1].size
     assert [src for src, _, _ in plan] == [0] * sources[0].size + [1] * sources[1].size
+
+
+def test_a_question_holding_the_models_image_token_is_one_clear_error(synth_dir, internvl_processor):
+    # Left in, the processor expands the real image beside the literal token and the model then
+    # finds more image tokens than image features: a crash deep inside its forward.
+    from r1v3.errors import UserError
+
+    samples = [s for b in webdata.ShardStream(webdata.load_sources(str(synth_dir / "val")), 2)
+               for s in b["samples"]][:2]
+    samples[1] = dict(samples[1], question=samples[1]["question"] + " <IMG_CONTEXT>")
+    for mode in ("sft", "prompt"):
+        with pytest.raises(UserError, match=f"sample {samples[1]['id']!r}: .*<IMG_CONTEXT>"):
+            VLMCollator(internvl_processor, mode=mode)(samples)
+    assert VLMCollator(internvl_processor, mode="prompt")(samples[:1])["inputs"] is not None
