@@ -11,6 +11,16 @@ import torch
 
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("need_vllm")]
 
+
+@pytest.fixture(autouse=True)
+def collect_engines():
+    """A vLLM engine that is garbage-collected tears down vLLM's process-wide parallel groups. Its
+    test's engines are collected here, between tests, and never in the middle of the next test."""
+    import gc
+
+    yield
+    gc.collect()
+
 FAMILIES = ("internvl", "qwen2_5_vl", "llava")
 
 
@@ -230,7 +240,8 @@ def test_a_placeholder_with_the_highest_logit_is_never_emitted(tmp_path):
     with torch.no_grad():
         last = lm.layers[-1].self_attn
         last.v_proj.bias.copy_(torch.randn(last.v_proj.bias.shape, generator=torch.Generator().manual_seed(0)) * 50)
-        direction = last.o_proj.weight @ last.v_proj.bias.repeat(last.o_proj.weight.shape[1] // last.v_proj.bias.numel())
+        heads = last.o_proj.weight.shape[1] // last.v_proj.bias.numel()  # grouped-query: values repeat
+        direction = last.o_proj.weight @ last.v_proj.bias.repeat(heads)
         direction = lm.norm.weight * direction / direction.norm()
         model.lm_head.weight[placeholder] = 1e3 * direction / direction.norm()
     engine.sync_weights(model, None, force=True)
@@ -308,9 +319,15 @@ def test_a_run_whose_engine_encodes_images_differently_stops_at_once(tmp_path):
         return trainer
 
     assert fit().global_step == 1
+    import gc
+
+    gc.collect()  # that run's engine goes now, not while the next one works (see collect_engines)
     untold = VLLMEngine(str(model_dir), VLLMConfig(max_model_len=1024))
-    with pytest.raises(UserError, match="encode sample 'wide.' differently: .* in the engine, .* in the trainer"):
+    mismatch = "encode sample 'wide.' differently: .* in the engine, .* in the trainer"
+    with pytest.raises(UserError, match=mismatch) as caught:
         fit(untold)
+    del caught, untold  # the traceback holds the stopped run's engine: let it go here (see collect_engines)
+    gc.collect()
 
 
 def test_an_sft_export_from_the_core_venv_starts_grpo_on_vllm(tmp_path, tiny_dirs, synth_dir):
