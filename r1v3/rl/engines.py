@@ -61,8 +61,8 @@ class EngineSession:
         self.engine.wake()
         if self.stale:
             model, groups = self.policy()
-            extra = {"force": True} if self.force else {}  # every tensor, outside the engine's schedule
-            self.last_sync = self.engine.sync_weights(model, None if self.force else groups, **extra) or {}
+            # force: every tensor, outside the engine's own sync schedule
+            self.last_sync = self.engine.sync_weights(model, None if self.force else groups, force=self.force) or {}
             self.stale = self.force = False
         return self.engine
 

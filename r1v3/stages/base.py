@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from r1v3 import backbone as bb
 from r1v3 import fsdp
+from r1v3.encoding import PromptEncoder
 from r1v3.logprobs import gather_logprobs
 from r1v3.rl.rollout import own_generation_config
 from r1v3.stages.in_backward import OptimizerInBackward
@@ -138,6 +139,14 @@ class R1V3Module(LightningModule):
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
+
+    def prompt_encoder(self) -> PromptEncoder:
+        """Encodes prompts as the data module does: the same resolution and tiling settings (the
+        processor's defaults when no data module is attached)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        options = getattr(datamodule, "collate_options", None) or {}
+        return PromptEncoder(self.processor, **{k: options[k] for k in ("min_pixels", "max_pixels", "max_tiles")
+                                                if k in options})
 
     def forward(self, inputs: dict, images: dict, **kwargs):
         return self.model(**inputs, **images, **kwargs)

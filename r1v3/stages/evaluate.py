@@ -117,11 +117,7 @@ class EvalStage(R1V3Module):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             raise EvalConfigError("EvalStage has nothing to train: run `r1v3 validate` or `r1v3 test` with it")
-        trainer = self._trainer
-        # Encode prompts exactly as the data module does (resolution, system prompt).
-        options = getattr(trainer.datamodule, "collate_options", {}) if trainer is not None else {}
-        self.encoder = PromptEncoder(self.processor, **{k: options[k] for k in ("min_pixels", "max_pixels", "max_tiles")
-                                                        if k in options})
+        self.encoder = self.prompt_encoder()
         if isinstance(self.engine, HFGenerateEngine):
             self.engine.encoder = self.encoder
         if self.checker is None:
@@ -139,7 +135,7 @@ class EvalStage(R1V3Module):
             super().configure_model()
             self.model.eval()
             if self.encoder is None:  # configure_model called without setup (scripts, tests)
-                self.encoder = PromptEncoder(self.processor)
+                self.encoder = self.prompt_encoder()
         self.engine = build_engine(hp.rollout, model_dir=self.model_path, model=self.model, encoder=self.encoder,
                                    tokenizer=self.tokenizer, vllm_config=self.vllm_config, seed=hp.eval_seed,
                                    suppress_tokens=suppress, max_batch_rows=hp.max_batch_rows)

@@ -129,10 +129,7 @@ class GRPOStage(R1V3Module):
 
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # Encode rollout prompts exactly as the data module does (resolution, tiling).
-        options = getattr(self._trainer.datamodule, "collate_options", {}) if self._trainer else {}
-        self.encoder = PromptEncoder(self.processor, **{k: options[k] for k in ("min_pixels", "max_pixels", "max_tiles")
-                                                        if k in options})
+        self.encoder = self.prompt_encoder()
         if self.engine is not None:
             self.engine.encoder = self.encoder
 
@@ -145,7 +142,7 @@ class GRPOStage(R1V3Module):
         # sharded strategy's launch would then find one already there and skip its own.
         if self.engine is None and not (self.hparams.rollout == "vllm" and self._trainer is None):
             if self.encoder is None:  # configure_model without setup (scripts, tests)
-                self.encoder = PromptEncoder(self.processor)
+                self.encoder = self.prompt_encoder()
             # Sharded or not, every rank builds its own engine here, at the same point (under a
             # process group vLLM's construction is collective: see VLLMEngine), and the session's
             # sync gathers each full tensor on all ranks before pushing it.
@@ -212,9 +209,8 @@ class GRPOStage(R1V3Module):
             records = [StepRollouts(prompts, encoded, engine.generate(prompts, sampling, seed=seed, encoded=encoded),
                                     meta) for sampling, seed in plans]
         for record in records:  # banned on both engines; should one slip through, it never reaches a forward
-            dropped = int(drop_completions_with(record.rollouts, self.placeholder_ids,
-                                                self.tokenizer.pad_token_id).sum())
-            self.dropped_placeholder_completions += dropped
+            self.dropped_placeholder_completions += int(drop_completions_with(
+                record.rollouts, self.placeholder_ids, self.tokenizer.pad_token_id).sum())
         return records
 
     def score(self, step: StepRollouts) -> list[dict]:
