@@ -16,8 +16,7 @@ from typing import Any, Literal, Sequence
 from r1v3 import chat
 # Re-exported: these lived here before the encoding layer moved to r1v3.encoding.
 from r1v3.encoding import (IGNORE_INDEX, TOKEN_KEYS, PromptEncoder, PromptTooLongError,  # noqa: F401
-                           append_targets, check_question_text, family_of, image_kwargs,
-                           split_encoding)
+                           append_targets, family_of, image_kwargs, split_encoding)
 
 
 @dataclass
@@ -54,7 +53,7 @@ class VLMCollator:
             shift = random.Random(self.seed + len(samples)).randrange(1, len(samples))
             samples = [dict(s, images=images[(i + shift) % len(samples)]) for i, s in enumerate(samples)]
         for sample in samples:
-            check_question_text(sample, self.processor)
+            self.encoder.check_question(sample)
         prompts = [chat.render_prompt(self.processor, s["question"], len(s["images"]),
                                       system=self.system_prompt, options=s.get("options"))
                    for s in samples]

@@ -64,18 +64,6 @@ def multimodal_tokens(processor) -> set[str]:
             for token in [getattr(owner, attr, None)] if isinstance(token, str)}
 
 
-def check_question_text(sample: dict, processor) -> None:
-    """A question must not hold the model's image special tokens as text: the processor would
-    expand the real images beside them, and the model would find more image tokens than image
-    features (the mismatch crash the established frameworks report most), deep in a forward."""
-    question = sample.get("question") or ""
-    found = sorted(t for t in multimodal_tokens(processor) - {QUESTION_IMAGE_MARK} if t in question)
-    if found:
-        raise UserError(f"sample {sample.get('id')!r}: its question holds the model's image token(s) {found} as "
-                        f"text, which would not match its {len(sample.get('images') or [])} image(s); mark images "
-                        f"with {QUESTION_IMAGE_MARK} only")
-
-
 def split_encoding(enc: dict) -> tuple[dict, dict]:
     """A processor output → (token tensors, image tensors)."""
     return ({k: v for k, v in enc.items() if k in TOKEN_KEYS},
@@ -131,10 +119,23 @@ class PromptEncoder:
     max_pixels: int | None = None
     max_tiles: int | None = None
     _image_kwargs: dict = field(init=False, repr=False)
+    _special_image_tokens: list = field(init=False, repr=False)
 
     def __post_init__(self):
         self._image_kwargs = image_kwargs(family_of(self.processor), self.min_pixels, self.max_pixels,
                                           self.max_tiles)
+        self._special_image_tokens = sorted(multimodal_tokens(self.processor) - {QUESTION_IMAGE_MARK})
+
+    def check_question(self, sample: dict) -> None:
+        """A question must not hold the model's image special tokens as text: the processor would
+        expand the real images beside them, and the model would find more image tokens than image
+        features (the mismatch crash the established frameworks report most), deep in a forward."""
+        question = sample.get("question") or ""
+        found = [t for t in self._special_image_tokens if t in question]
+        if found:
+            raise UserError(f"sample {sample.get('id')!r}: its question holds the model's image token(s) {found} as "
+                            f"text, which would not match its {len(sample.get('images') or [])} image(s); mark "
+                            f"images with {QUESTION_IMAGE_MARK} only")
 
     @property
     def tokenizer(self):
