@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 from r1v3 import chat
+from r1v3.errors import UserError
 # Re-exported: these lived here before the encoding layer moved to r1v3.encoding.
 from r1v3.encoding import (IGNORE_INDEX, TOKEN_KEYS, PromptEncoder, PromptTooLongError,  # noqa: F401
                            append_targets, family_of, image_kwargs, split_encoding)
@@ -36,10 +37,12 @@ class VLMCollator:
     max_tiles: int | None = None
     shuffle_images: bool = False  # control runs: pair each question with another sample's images
     seed: int = 0
+    family: str | None = None  # the model's model_type, which picks the image settings
+    image_check: Any = None  # r1v3.backbone.image_token_check of the model: image tokens == features
     encoder: PromptEncoder = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.encoder = PromptEncoder(self.processor, self.min_pixels, self.max_pixels, self.max_tiles)
+        self.encoder = PromptEncoder(self.processor, self.min_pixels, self.max_pixels, self.max_tiles, self.family)
 
     @property
     def tokenizer(self):
@@ -65,6 +68,9 @@ class VLMCollator:
         else:
             enc = self.encoder.encode(prompts, [s["images"] for s in samples])
             lengths = enc["attention_mask"].sum(1).tolist()
+        if self.image_check is not None:  # before the length check: a mismatch makes lengths meaningless
+            self._check_image_tokens(samples, prompts, encoded if self.mode == "prompt" else None,
+                                     None if self.mode == "prompt" else enc)
         too_long = [n > self.max_prompt_length for n in lengths]
         if any(too_long):
             if self.on_overlong == "error":
@@ -108,6 +114,28 @@ class VLMCollator:
             batch["meta"]["prompt_text"] = prompts
             batch["meta"]["pil_images"] = [s["images"] for s in samples]
         return batch
+
+    def _check_image_tokens(self, samples: list[dict], prompts: list[str], encoded, batch: dict | None) -> None:
+        """Every prompt holds as many image tokens as its images give features, or the run stops
+        here naming the sample, not in the model's forward (the mismatch crash the established
+        frameworks report most). An SFT batch, encoded as one, is checked as a whole; only a
+        mismatch re-encodes its samples one by one, to name the one at fault."""
+        if batch is not None:
+            tokens, images = split_encoding(batch)
+            if len(set(self.image_check(tokens["input_ids"], images))) == 1:
+                return
+        for i, sample in enumerate(samples):
+            if not sample["images"]:
+                continue
+            one = encoded.select([i]) if encoded is not None else self.encoder.encode_each([prompts[i]],
+                                                                                            [sample["images"]])
+            tokens, features = self.image_check(one.tokens[0]["input_ids"], one.images[0])
+            if features is not None and tokens != features:
+                raise UserError(
+                    f"sample {sample.get('id')!r}: its prompt holds {tokens} image tokens but its "
+                    f"{len(sample['images'])} image(s) give the model {features} features (image settings "
+                    f"{self.encoder.image_kwargs}): the processor and the model disagree, e.g. on "
+                    "image_seq_length in processor_config.json; save the checkpoint's processor with its model")
 
     def encode_prompts(self, texts: list[str], images: list[list]) -> tuple[dict, dict]:
         """Rendered prompt texts + their images → (token tensors, image tensors), left-padded."""

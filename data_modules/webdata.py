@@ -255,9 +255,10 @@ class WebDataModule(LightningDataModule):
             max_prompt_length: Longest prompt in tokens, image tokens included.
             on_overlong: What a longer prompt does: ``error`` stops with a message, ``skip`` drops
                 and counts the sample.
-            min_pixels: Qwen2.5-VL: smallest image area after resizing.
-            max_pixels: Qwen2.5-VL: largest image area after resizing.
-            max_tiles: InternVL: most 448-px tiles per image (1 = no tiling).
+            min_pixels: Qwen2.5-VL: smallest image area after resizing (unset: the checkpoint's).
+            max_pixels: Qwen2.5-VL: largest image area after resizing (unset: the checkpoint's).
+            max_tiles: InternVL: most tiles per image, plus a thumbnail (1 = no tiling; unset: the
+                checkpoint's own setting, up to 12 in InternVL3).
             system_prompt: Optional system message for every prompt.
             shuffle_images_control: Control runs only: train on questions paired with other
                 samples' images, to show the model reads the image.
@@ -309,7 +310,9 @@ class WebDataModule(LightningDataModule):
             raise ValueError(f"no {split} shards configured (set --data.init_args.{split})")
         training = split == "train"
         rank, world = self._rank()
-        collate = VLMCollator(self.processor, mode=self.collate_mode,
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        collate = VLMCollator(self.processor, mode=self.collate_mode, family=getattr(module, "family", None),
+                              image_check=getattr(module, "image_token_check", None),
                               shuffle_images=training and self.shuffle_images_control,
                               seed=self.seed, **self.collate_options)
         stream = ShardStream(self._sources[split], self.batch_size if training else self.val_batch_size,

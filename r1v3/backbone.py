@@ -8,7 +8,6 @@ over its parent.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,10 +15,10 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
-from transformers import InternVLProcessor, Qwen2_5_VLProcessor
 
 from r1v3.encoding import multimodal_tokens
-from r1v3.errors import UserError
+from r1v3.errors import BackboneError
+from r1v3.processors import check_model_path, load_processor
 
 log = logging.getLogger(__name__)
 
@@ -75,37 +74,6 @@ class LoadConfig:
 # Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets
 # them load with torch.load(weights_only=True), the default since torch 2.6.
 torch.serialization.add_safe_globals([LoadConfig])
-
-
-class BackboneError(UserError):
-    """A model or freeze-plan setting the user can fix; its message says how."""
-
-
-class InternVLProcessorNoVideo(InternVLProcessor):
-    """InternVL's processor without its video processor, which needs torchvision (absent on CPU-torch
-    installs). Saved under the parent's name so real transformers installs load it as usual."""
-
-    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256,
-                 chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
-                         chat_template=chat_template, **kwargs)
-
-    def to_dict(self):
-        return super().to_dict() | {"processor_class": "InternVLProcessor"}
-
-
-class Qwen2_5_VLProcessorNoVideo(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL's processor without its video processor (see InternVLProcessorNoVideo)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    def to_dict(self):
-        return super().to_dict() | {"processor_class": "Qwen2_5_VLProcessor"}
-
-
-_NO_VIDEO = {"InternVLProcessor": InternVLProcessorNoVideo,
-             "Qwen2_5_VLProcessor": Qwen2_5_VLProcessorNoVideo}
 
 
 @dataclass
@@ -215,80 +183,6 @@ def resolve_attn_implementation(requested: str | None, device: str | torch.devic
     return requested
 
 
-def check_model_path(path: str | Path) -> None:
-    """A path that looks local must exist; anything else is taken as a hub id."""
-    local = Path(path)
-    if not local.exists() and (str(path).startswith((".", "/", "~")) or local.suffix or len(local.parts) > 2):
-        raise BackboneError(f"model directory {path} does not exist (build one with `r1v3 tiny --out {path}`)")
-
-
-# Processors that insist on a video half, and the video processor type a minimal
-# video_preprocessor_config.json names: where torchvision exists (vLLM's environment) the processor
-# loads from that file alone, and writing it needs no torchvision.
-VIDEO_PROCESSOR = {"InternVLProcessor": "InternVLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor"}
-VIDEO_FILE = "video_preprocessor_config.json"
-
-
-def save_processor(processor, out: str | Path) -> None:
-    """``save_pretrained``, plus the video-processor file a processor saved without torchvision
-    lacks: an export from the core environment then loads in vLLM's (which has torchvision)."""
-    out = Path(out)
-    processor.save_pretrained(str(out))
-    config = out / "processor_config.json"
-    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
-    if name in VIDEO_PROCESSOR and not (out / VIDEO_FILE).exists():
-        (out / VIDEO_FILE).write_text(json.dumps({"video_processor_type": VIDEO_PROCESSOR[name]}))
-
-
-def needs_video_file(path: str | Path) -> str | None:
-    """The processor class of a checkpoint whose processor needs a video-processor file it lacks."""
-    config = Path(path) / "processor_config.json"
-    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
-    return name if name in VIDEO_PROCESSOR and not (Path(path) / VIDEO_FILE).exists() else None
-
-
-# The processor class of each family r1v3 knows, by the model config's model_type.
-_FAMILY_PROCESSOR = {"internvl": "InternVLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                     "qwen2_vl": "Qwen2VLProcessor", "llava": "LlavaProcessor"}
-
-
-def load_processor(path: str | Path, trust_remote_code: bool = False):
-    """The checkpoint's processor, as transformers loads it; where that yields no image processor
-    (a processor class transformers does not know, so ``AutoProcessor`` returns a bare tokenizer),
-    the model config's ``model_type`` picks the family's processor instead, with one warning."""
-    from transformers import AutoProcessor
-
-    check_model_path(path)
-    config_file = Path(path) / "processor_config.json"
-    no_torchvision = importlib.util.find_spec("torchvision") is None
-    if config_file.is_file() and no_torchvision:
-        name = json.loads(config_file.read_text()).get("processor_class")
-        if name in _NO_VIDEO:
-            return _NO_VIDEO[name].from_pretrained(str(path))
-    try:
-        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except OSError as err:  # e.g. "Can't load video processor": the file is optional for training
-        name = needs_video_file(path)
-        if name not in _NO_VIDEO:
-            raise
-        log.warning("[r1v3] %s: no %s (%s); loading %s without its video half", path, VIDEO_FILE,
-                    str(err).splitlines()[0][:80], name)
-        return _NO_VIDEO[name].from_pretrained(str(path))
-    if hasattr(processor, "image_processor"):
-        return processor
-    model_file = Path(path) / "config.json"
-    model_type = json.loads(model_file.read_text()).get("model_type") if model_file.is_file() else None
-    name = _FAMILY_PROCESSOR.get(model_type)
-    if name is None:
-        return processor  # the stage refuses it if the data has images (r1v3.encoding)
-    import transformers
-
-    family_class = _NO_VIDEO[name] if no_torchvision and name in _NO_VIDEO else getattr(transformers, name)
-    log.warning("[r1v3] %s: AutoProcessor gave a %s without an image processor; loading %s for model_type %r",
-                path, type(processor).__name__, family_class.__name__, model_type)
-    return family_class.from_pretrained(str(path))
-
-
 def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str | None = "sdpa",
                   trust_remote_code: bool = False, groups: Mapping[str, Sequence[str]] | None = None,
                   device: str = "cpu") -> Backbone:
@@ -319,6 +213,36 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
     backbone = Backbone(model=model, processor=processor, family=family, groups=resolved_groups)
     split_parameters(model, resolved_groups)  # fail early on unmatched parameters
     return backbone
+
+
+def image_features(config, images: Mapping[str, torch.Tensor]) -> int | None:
+    """How many feature vectors the vision side of a ``config`` model makes of one prompt's image
+    tensors: the number of image tokens its prompt must hold. None for a family r1v3 cannot count."""
+    family, vision = detect_family(config), getattr(config, "vision_config", None)
+    pixels, grid = images.get("pixel_values"), images.get("image_grid_thw")
+    if family == "internvl" and pixels is not None:
+        side, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (vision.image_size, vision.patch_size))
+        return int(pixels.shape[0] * round((side // patch) ** 2 * config.downsample_ratio ** 2))
+    if family in ("qwen2_5_vl", "qwen2_vl") and grid is not None:
+        return int(grid.prod(-1).sum()) // vision.spatial_merge_size ** 2
+    if family == "llava" and pixels is not None:
+        cls = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
+        return int(pixels.shape[0] * ((vision.image_size // vision.patch_size) ** 2 + cls))
+    return None
+
+
+def image_token_check(config):
+    """A check of one encoded prompt: ``check(input_ids, images)`` → (image tokens, image features),
+    or None when this family cannot be counted. The two differ when the processor and the model
+    disagree (a processor config's ``image_seq_length``, patch size or merge size that is not the
+    model's), which transformers reports only deep in a forward pass."""
+    token = getattr(config, "image_token_id", None)
+    if token is None or detect_family(config) not in ("internvl", "qwen2_5_vl", "qwen2_vl", "llava"):
+        return None
+
+    def check(input_ids: torch.Tensor, images: Mapping[str, torch.Tensor]) -> tuple[int, int | None]:
+        return int((input_ids == token).sum()), image_features(config, images) if images else 0
+    return check
 
 
 def multimodal_token_ids(processor) -> list[int]:

@@ -27,6 +27,8 @@ class PromptTooLongError(UserError):
 
 
 def family_of(processor) -> str:
+    """A guess from the processor's class name, for a processor met without its model; the stages
+    use the model config's ``model_type`` instead (``PromptEncoder.family``)."""
     name = type(processor).__name__.lower()
     for family in ("internvl", "qwen2_5_vl", "qwen2vl", "llava"):
         if family.replace("_", "") in name.replace("_", ""):
@@ -35,20 +37,25 @@ def family_of(processor) -> str:
 
 
 def image_kwargs(family: str, min_pixels: int | None, max_pixels: int | None,
-                 max_tiles: int | None) -> dict:
-    """Per-family resolution controls, passed to every processor call."""
+                 max_tiles: int | None, image_processor: Any = None) -> dict:
+    """Per-family resolution controls, passed to every processor call, and to a rollout engine that
+    runs its own processor: stated in full, so both sides encode an image the same way by
+    construction. Unset, a setting is the checkpoint's own (its image processor's), as
+    transformers would use it."""
     if family == "internvl":
-        # InternVL tiles small images into many crops unless told not to (docs/design.md §2).
-        if max_tiles and max_tiles > 1:
+        if max_tiles is None:  # the checkpoint's tiling: InternVL3 tiles into up to 12 crops + a thumbnail
+            crop = bool(getattr(image_processor, "crop_to_patches", False))
+            max_tiles = int(getattr(image_processor, "max_patches", 1) or 1) if crop else 1
+        if max_tiles > 1:
             return {"crop_to_patches": True, "max_patches": max_tiles}
         return {"crop_to_patches": False}
-    if family in ("qwen2_5_vl", "qwen2vl") and (min_pixels or max_pixels):
-        size = {}
+    if family in ("qwen2_5_vl", "qwen2_vl", "qwen2vl"):  # dynamic resolution between two pixel bounds
+        size = dict(getattr(image_processor, "size", None) or {})
         if min_pixels:
             size["shortest_edge"] = min_pixels
         if max_pixels:
             size["longest_edge"] = max_pixels
-        return {"size": size}
+        return {"size": size} if size else {}
     return {}
 
 
@@ -118,12 +125,14 @@ class PromptEncoder:
     min_pixels: int | None = None
     max_pixels: int | None = None
     max_tiles: int | None = None
+    family: str | None = None  # the model config's model_type; guessed from the processor if unset
     _image_kwargs: dict = field(init=False, repr=False)
     _special_image_tokens: list = field(init=False, repr=False)
 
     def __post_init__(self):
-        self._image_kwargs = image_kwargs(family_of(self.processor), self.min_pixels, self.max_pixels,
-                                          self.max_tiles)
+        self.family = self.family or family_of(self.processor)
+        self._image_kwargs = image_kwargs(self.family, self.min_pixels, self.max_pixels, self.max_tiles,
+                                          getattr(self.processor, "image_processor", None))
         self._special_image_tokens = sorted(multimodal_tokens(self.processor) - {QUESTION_IMAGE_MARK})
 
     def check_question(self, sample: dict) -> None:

@@ -7,3 +7,7 @@ was raised; everything else is a bug and keeps its traceback.
 
 class UserError(ValueError):
     """A mistake the user can fix; the message says how."""
+
+
+class BackboneError(UserError):
+    """A model, processor or freeze-plan setting the user can fix; its message says how."""

@@ -25,7 +25,8 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from r1v3.backbone import BackboneError, save_processor
+from r1v3.errors import BackboneError
+from r1v3.processors import save_processor
 from r1v3.distributed import is_sharded, max_over_ranks, synced_generate, world_size  # noqa: F401
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,25 @@
-"""Per-token log-probabilities, without materialising a full log-softmax copy of the logits."""
+"""Per-token log-probabilities of the distribution a rollout engine actually samples from."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, banned: Sequence[int] = ()) -> torch.Tensor:
+    """The logits of the distribution rollouts are drawn from, in float32: divided by the sampling
+    temperature (greedy counts as 1) and with the banned tokens (image placeholders) at -inf.
+
+    Both engines sample from exactly this (vLLM's ``allowed_token_ids`` and HF's
+    ``suppress_tokens`` remove the banned tokens before the softmax), and vLLM reports its
+    log-probs from it (``logprobs_mode="processed_logprobs"``), so the trainer, the engines and
+    the log-prob gap all compare the same quantity at any temperature. Top-p truncation is not
+    applied: the trainer scores the full tempered distribution (docs/vllm.md, "Log-probs")."""
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    if len(banned):
+        scaled = scaled.index_fill(-1, torch.as_tensor(list(banned), device=scaled.device), float("-inf"))
+    return scaled
 
 
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

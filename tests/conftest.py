@@ -22,6 +22,17 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def real_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models with the settings of released checkpoints: InternVL tiling up to 4 crops plus a
+    thumbnail with a 151k-token vocabulary (Qwen2.5's size), and Qwen2.5-VL dynamic resolution."""
+    from r1v3.tools.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("real")
+    return {"internvl_tiled": build_tiny("internvl", root / "internvl_tiled", tiles=4, vocab=151_000),
+            "qwen2_5_vl_dynamic": build_tiny("qwen2_5_vl", root / "qwen2_5_vl_dynamic", dynamic=True)}
+
+
+@pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     from r1v3.data_modules.synthetic import write_synthetic
 
@@ -49,6 +60,34 @@ def internvl_processor(tiny_dirs):
     from r1v3.backbone import load_processor
 
     return load_processor(tiny_dirs["internvl"])
+
+
+@pytest.fixture(scope="session")
+def core_python() -> Path:
+    """The core venv's Python, for vLLM-tier tests that chain the two environments; they skip, and
+    say why, where it is absent (``.ci/run`` always has both)."""
+    import sys
+
+    venv = Path(os.environ.get("R1V3_VENV", Path(__file__).resolve().parents[1] / ".venv"))
+    python = venv / "bin" / "python"
+    if not python.exists() or venv.resolve() == Path(sys.prefix).resolve():
+        pytest.skip(f"the core venv ({venv}, from `bash .ci/setup.sh`) is absent")
+    return python
+
+
+def run_bench(name: str, argv: list[str], capsys) -> dict:
+    """Run ``bench/<name>.py``'s ``main`` in this process and return the JSON line it prints. The
+    vLLM-tier smoke runs use it: a fresh interpreter would pay vLLM's import again (~15 s)."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    module.main(argv)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -112,3 +112,32 @@ def test_each_image_is_processed_once_per_step(tiny_dirs, synth_dir):
     assert all(seen.count(i) == 1 for i in step_images), "an image of the step went through the processor twice"
     assert len(seen) == len(set(seen)), "no image is processed twice (the loader's prefetched batch included)"
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["kl/k3"])))
+
+
+def test_the_agreement_check_runs_at_start_and_after_the_first_real_push():
+    from r1v3.rl.engines import EngineSession
+
+    class Scheduled:  # an engine that pushes on every second sync (sync_every=2)
+        def __init__(self):
+            self.syncs = 0
+
+        def sync_weights(self, model, groups=None, force=False):
+            self.syncs += 1
+            return {"tensors": 1} if force or self.syncs % 2 == 1 else {}
+
+        def wake(self):
+            pass
+
+        def sleep(self):
+            pass
+
+    session = EngineSession(Scheduled(), lambda: (torch.nn.Linear(1, 1), None))
+    due = []
+    for entry in range(6):  # an update before every entry but the first
+        if entry:
+            session.mark_stale()
+        with session:
+            due.append(session.agreement_due())
+    # entry 0: start + full push; entry 1: the schedule skips the push (the engine stays one step
+    # behind on purpose, so no check); entry 2: the first update's push; then never again
+    assert due == [True, False, True, False, False, False]

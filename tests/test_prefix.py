@@ -9,28 +9,41 @@ import pytest
 import torch
 
 from r1v3 import backbone as bb
-from r1v3.data_modules.collate import VLMCollator
 from r1v3.data_modules.webdata import WebDataModule
-from r1v3.logprobs import gather_logprobs
+from r1v3.encoding import PromptEncoder
+from r1v3.logprobs import gather_logprobs, sampling_logits
 from r1v3.rl import prefix
 from r1v3.rl.losses import policy_loss
 from r1v3.rl.rollout import HFGenerateEngine, Prompt, SamplingConfig
 
 FAMILIES = ("internvl", "qwen2_5_vl", "llava")
+REAL = ("internvl_tiled", "qwen2_5_vl_dynamic")  # conftest.real_dirs
 # Tolerances fixed before the first run: fp32 reorders sums only; bf16 rounds every matmul input
 # to 8 bits of mantissa on both sides, in a different batch layout.
 TOLERANCE = {"fp32": dict(logp=1e-5, grad=1e-4), "bf16": dict(logp=5e-2, grad=5e-2)}
 
 
-def load(tiny_dirs, synth_dir, family, n_prompts=2):
-    backbone = bb.load_backbone(tiny_dirs[family])
+@pytest.fixture(scope="module")
+def model_dirs(tiny_dirs, real_dirs):
+    return tiny_dirs | real_dirs
+
+
+def load(model_dirs, synth_dir, name, n_prompts=2):
+    backbone = bb.load_backbone(model_dirs[name])
     data = WebDataModule(train=str(synth_dir / "train"), batch_size=n_prompts)
     data.processor = backbone.processor
     data.collate_mode = "prompt"
     data.setup("fit")
     meta = next(iter(data.train_dataloader()))["meta"]
-    prompts = [Prompt(t, i) for t, i in zip(meta["prompt_text"], meta["pil_images"])]
-    return backbone, VLMCollator(backbone.processor, mode="prompt"), prompts
+    images = meta["pil_images"]
+    if name in REAL:  # sizes that tile (2-3 crops + a thumbnail) or resize to different token counts
+        images = [[image.resize((128 + 32 * i, 64)) for image in imgs] for i, imgs in enumerate(images)]
+    prompts = [Prompt(t, i) for t, i in zip(meta["prompt_text"], images)]
+    encoder = PromptEncoder(backbone.processor, family=backbone.family)
+    if name in REAL:
+        ids = encoder.encode_each([prompts[0].text], [prompts[0].images]).tokens[0]["input_ids"]
+        assert (ids == backbone.model.config.image_token_id).sum() > 16, "more image tokens than one 64-px tile"
+    return backbone, encoder, prompts
 
 
 def loss_and_grads(model, logits, ids, mask, advantages):
@@ -43,9 +56,9 @@ def loss_and_grads(model, logits, ids, mask, advantages):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_shared_prompt_pass_matches_per_row(tiny_dirs, synth_dir, family, precision):
-    backbone, encoder, prompts = load(tiny_dirs, synth_dir, family)
+@pytest.mark.parametrize("family", FAMILIES + REAL)
+def test_shared_prompt_pass_matches_per_row(model_dirs, synth_dir, family, precision):
+    backbone, encoder, prompts = load(model_dirs, synth_dir, family)
     model, G, T = backbone.model.train(), 3, 9
     gen = torch.Generator().manual_seed(0)
     # A subset of rows, out of order, one group split: what a micro-batch can hold.
@@ -82,9 +95,9 @@ def test_shared_prompt_pass_matches_per_row(tiny_dirs, synth_dir, family, precis
     assert error.norm() <= tol["grad"] * total.norm(), float(error.norm() / total.norm())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_shared_prefill_generates_what_plain_generate_does(tiny_dirs, synth_dir, family):
-    backbone, encoder, prompts = load(tiny_dirs, synth_dir, family)
+@pytest.mark.parametrize("family", FAMILIES + REAL)
+def test_shared_prefill_generates_what_plain_generate_does(model_dirs, synth_dir, family):
+    backbone, encoder, prompts = load(model_dirs, synth_dir, family)
     model, tokenizer = backbone.model, backbone.tokenizer
     suppress = bb.multimodal_token_ids(backbone.processor)
     engine = HFGenerateEngine(model, encoder, tokenizer, suppress_tokens=suppress)
@@ -100,6 +113,6 @@ def test_shared_prefill_generates_what_plain_generate_does(tiny_dirs, synth_dir,
     mask = rollouts.completion_mask
     width = mask.shape[1]
     assert torch.equal(plain[:, :width] * mask, rollouts.completion_ids * mask)
-    plain_logp = torch.stack([torch.log_softmax(step.float(), -1).gather(1, plain[:, t:t + 1]).squeeze(1)
-                              for t, step in enumerate(out.logits)], 1)[:, :width]
+    plain_logp = torch.stack([torch.log_softmax(sampling_logits(step, 1.0, suppress), -1)
+                              .gather(1, plain[:, t:t + 1]).squeeze(1) for t, step in enumerate(out.logits)], 1)[:, :width]
     assert ((plain_logp - rollouts.logprobs).abs() * mask).max() < 1e-5

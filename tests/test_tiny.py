@@ -46,3 +46,17 @@ def test_tiny_cli_rejects_unknown_family(capsys):
     with pytest.raises(SystemExit):
         tiny.tiny_main(["--family", "gpt5", "--out", "x"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_real_setting_presets(real_dirs, capsys):
+    tiled = bb.load_backbone(real_dirs["internvl_tiled"])
+    assert tiled.model.config.text_config.vocab_size == len(tiled.tokenizer) >= 151_000
+    text = "<think>I count 3 red shapes.</think> The answer is \\boxed{3}."
+    assert tiled.tokenizer.decode(tiled.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    image = tiled.processor.image_processor
+    assert image.crop_to_patches and image.max_patches == 4
+    qwen = bb.load_backbone(real_dirs["qwen2_5_vl_dynamic"]).processor.image_processor
+    assert qwen.size["longest_edge"] > qwen.size["shortest_edge"], "a range of resolutions, not one"
+    with pytest.raises(SystemExit):
+        tiny.tiny_main(["--family", "qwen2_5_vl", "--tiles", "4", "--out", "x"])
+    assert "--tiles is for --family internvl" in capsys.readouterr().err

@@ -108,19 +108,25 @@ def test_connector_only_push_keeps_parity(family, tmp_path):
     assert greedy(engine, prompts) == greedy(stage.engine, prompts)
 
 
-def test_logprob_gap_small_after_sync_and_large_after_a_corrupt_push(tmp_path):
+def test_logprob_gap_small_after_sync_at_any_temperature_and_large_after_a_corrupt_push(tmp_path):
     from r1v3.rl.rollout import SamplingConfig
+    from r1v3.rl.scoring import completion_logprobs
 
     stage, engine = build_pair("internvl", tmp_path)
     prompts = prompts_for(stage.processor, 3)
     train_a_little(stage, prompts)
     engine.sync_weights(stage.model, stage.trainable)
-    rollouts = engine.generate(prompts, SamplingConfig(n=2, max_new_tokens=10), seed=3)
-    rows = torch.arange(rollouts.completion_ids.shape[0])
-    trainer_logp, _ = stage.policy_logprobs(stage.record(prompts, rollouts), rows, with_grad=False)
-    mask = rollouts.completion_mask.bool()
-    gap = (trainer_logp - rollouts.logprobs)[mask].abs().mean()
-    assert gap < 1e-3, f"engine and trainer disagree after a sync: {gap}"
+    rows = torch.arange(6)
+    # At any temperature: vLLM reports the tempered distribution it samples, as the trainer scores it
+    # (vLLM's default, raw log-probs, put the gap at T=0.7 far above the bound).
+    for temperature in (1.0, 0.7):
+        rollouts = engine.generate(prompts, SamplingConfig(n=2, temperature=temperature, max_new_tokens=10), seed=3)
+        with torch.no_grad():
+            trainer_logp, _ = completion_logprobs(stage.model, stage.record(prompts, rollouts), rows, temperature,
+                                                  "cpu", with_entropy=False)
+        mask = rollouts.completion_mask.bool()
+        gap = (trainer_logp - rollouts.logprobs)[mask].abs().mean()
+        assert gap < 1e-3, f"engine and trainer disagree after a sync at T={temperature}: {gap}"
 
     # A push that does not match the trainer (here: noise on the LM head) is what a broken sync
     # looks like; the gap monitor must see it.
@@ -318,7 +324,9 @@ def test_a_run_whose_engine_encodes_images_differently_stops_at_once(tmp_path):
         trainer.fit(stage, datamodule=WebDataModule(train=str(tmp_path / "data"), batch_size=2, max_tiles=4))
         return trainer
 
-    assert fit().global_step == 1
+    trainer = fit()
+    assert trainer.global_step == 1
+    assert float(trainer.callback_metrics["train/engine_prompt_logprob_gap"]) < 1e-4, "measured, and logged"
     import gc
 
     gc.collect()  # that run's engine goes now, not while the next one works (see collect_engines)
@@ -330,13 +338,11 @@ def test_a_run_whose_engine_encodes_images_differently_stops_at_once(tmp_path):
     gc.collect()
 
 
-def test_an_sft_export_from_the_core_venv_starts_grpo_on_vllm(tmp_path, tiny_dirs, synth_dir):
+def test_an_sft_export_from_the_core_venv_starts_grpo_on_vllm(tmp_path, tiny_dirs, synth_dir, core_python):
     """The stages chain across the two environments: SFT exports in the core venv (no torchvision,
     so its processor has no video half), GRPO on the vLLM engine starts from that export here."""
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
     from lightning.pytorch import Trainer
 
@@ -345,11 +351,6 @@ def test_an_sft_export_from_the_core_venv_starts_grpo_on_vllm(tmp_path, tiny_dir
     from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine
     from r1v3.stages.grpo import GRPOStage
 
-    repo = Path(__file__).resolve().parents[1]
-    venv = Path(os.environ.get("R1V3_VENV", repo / ".venv"))
-    core = venv / "bin" / "python"
-    if not core.exists() or venv.resolve() == Path(sys.prefix).resolve():
-        pytest.skip(f"the core venv ({venv}, from `bash .ci/setup.sh`) is absent: no export to chain from")
     export = tmp_path / "sft"
     script = f"""
 from lightning.pytorch import Trainer
@@ -360,7 +361,7 @@ Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False
         enable_model_summary=False, limit_val_batches=0).fit(
     stage, datamodule=WebDataModule(train={str(synth_dir / "train")!r}, batch_size=2))
 """
-    done = subprocess.run([str(core), "-c", script], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([str(core_python), "-c", script], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (export / "video_preprocessor_config.json").exists(), "the export carries what vLLM's processor needs"
@@ -374,17 +375,11 @@ Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False
     assert float(trainer.callback_metrics["train/logprob_gap"]) < 1e-3
 
 
-def test_engine_threads_benchmark_smoke(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_engine_threads_benchmark_smoke(tmp_path, capsys):
+    from conftest import run_bench
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "engine_threads.py"
-    done = subprocess.run([sys.executable, str(script), "--size", "tiny", "--repeats", "1", "--max-new-tokens", "8",
-                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_bench("engine_threads", ["--size", "tiny", "--repeats", "1", "--max-new-tokens", "8",
+                                          "--workdir", str(tmp_path)], capsys)
     assert result["threads_after_engine"] == result["threads_before_engine"]
     assert result["update_s_before_engine"] > 0 and result["update_s_after_engine"] > 0
 

@@ -15,6 +15,7 @@ import torch
 
 from r1v3.encoding import EncodedPrompts
 from r1v3.errors import UserError
+from r1v3.logprobs import gather_logprobs
 from r1v3.rl.rollout import HFGenerateEngine, Prompt, RolloutEngine
 
 
@@ -50,6 +51,18 @@ class EngineSession:
         # (evaluation, rejection sampling: there is no trainer to push from).
         self.stale = self.force = stale
         self.last_sync: dict = {}
+        self.pushes = 0  # syncs that moved tensors
+        self._checks: list[int] = []  # the push count at each agreement check
+
+    def agreement_due(self) -> bool:
+        """Whether the engine should be compared with the trainer now (inside the session): at the
+        first entry, right after the engine's start and first full push, and after the next push,
+        the first one an update made (a sync schedule that skips pushes leaves the engine behind on
+        purpose, so it is compared only when it has just been pushed to)."""
+        due = not self._checks or (len(self._checks) == 1 and self.pushes > self._checks[0])
+        if due:
+            self._checks.append(self.pushes)
+        return due
 
     def mark_stale(self, force: bool = False) -> None:
         """The policy changed (``force``: the engine's weights are not the run's at all, e.g. after
@@ -63,6 +76,7 @@ class EngineSession:
             model, groups = self.policy()
             # force: every tensor, outside the engine's own sync schedule
             self.last_sync = self.engine.sync_weights(model, None if self.force else groups, force=self.force) or {}
+            self.pushes += bool(self.last_sync)
             self.stale = self.force = False
         return self.engine
 
@@ -70,16 +84,21 @@ class EngineSession:
         self.engine.sleep()
 
 
-def check_prompt_agreement(engine: RolloutEngine, prompts: Sequence[Prompt], encoded: EncodedPrompts,
-                           ids: Sequence, placeholder_ids: Sequence[int], image_kwargs: dict) -> None:
-    """An engine that runs its own processor (vLLM) must condition on the prompt tokens the trainer
-    encodes, image tokens included, or every sample is trained on a prompt it was not drawn from.
-    A mismatch is one ``UserError`` naming both sides; an engine that takes the trainer's
-    encoding (HF) agrees by construction."""
-    if not hasattr(engine, "prompt_token_ids"):
-        return
+def check_engine_agreement(engine: RolloutEngine, model: torch.nn.Module, prompts: Sequence[Prompt],
+                           encoded: EncodedPrompts, ids: Sequence, placeholder_ids: Sequence[int], image_kwargs: dict,
+                           device) -> float | None:
+    """Check that an engine which runs its own processor and holds its own copy of the weights
+    (vLLM) sees the trainer's prompts: the same token ids, image tokens included, and the same
+    log-prob for each prompt token, within the engine's ``max_prompt_logprob_gap`` (0: not compared). Else every sample would be trained on
+    a prompt or a policy it was not drawn from. A difference is one ``UserError`` naming both sides;
+    returns the measured mean |log-prob gap| per prompt token (None for an engine that takes the
+    trainer's encoding and weights, as HF's does, and agrees by construction)."""
+    if not hasattr(engine, "score_prompts"):
+        return None
     placeholders = set(placeholder_ids)
-    for i, engine_ids in enumerate(engine.prompt_token_ids(prompts)):
+    max_gap = engine.config.max_prompt_logprob_gap
+    views = engine.score_prompts(prompts, logprobs=max_gap > 0)
+    for i, (engine_ids, _) in enumerate(views):
         trainer_ids = encoded.tokens[i]["input_ids"].tolist()
         if engine_ids != trainer_ids:
             images = [sum(t in placeholders for t in seq) for seq in (engine_ids, trainer_ids)]
@@ -87,4 +106,23 @@ def check_prompt_agreement(engine: RolloutEngine, prompts: Sequence[Prompt], enc
                 f"the rollout engine and the trainer encode sample {ids[i]!r} differently: {len(engine_ids)} tokens "
                 f"({images[0]} image tokens) in the engine, {len(trainer_ids)} ({images[1]} image tokens) in the "
                 f"trainer, whose image settings are {image_kwargs or 'the processor defaults'}; give the engine "
-                "the same (the stage passes it the data module's max_tiles / min_pixels / max_pixels)")
+                "the same (the stage passes it the data module's max_tiles / min_pixels / max_pixels; drop any "
+                "vllm.mm_processor_kwargs)")
+    if max_gap <= 0:
+        return None
+    gaps = []
+    with torch.no_grad():
+        for i, (_, engine_logprobs) in enumerate(views):
+            tokens, images = encoded.batch([i])
+            logits = model(**{k: v.to(device) for k, v in tokens.items()},
+                           **{k: v.to(device) for k, v in images.items()}).logits[0, :-1]
+            trainer_logprobs = gather_logprobs(logits, tokens["input_ids"][0, 1:].to(device)).cpu()
+            gaps.append((trainer_logprobs - torch.tensor(engine_logprobs)).abs())
+    gap = float(torch.cat(gaps).mean())
+    if not gap <= max_gap:  # NaN fails too
+        raise UserError(
+            f"the rollout engine and the trainer give the same prompt tokens different log-probs: {gap:.3g} nats per "
+            f"token on average over {len(views)} prompt(s), above vllm.max_prompt_logprob_gap={max_gap}, so the engine "
+            "does not sample from the trainer's weights (a weight push that missed or renamed tensors, or an engine "
+            "dtype far from the trainer's: vllm.dtype); docs/vllm.md lists the normal values")
+    return gap

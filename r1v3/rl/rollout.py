@@ -15,6 +15,7 @@ import torch
 
 from r1v3.distributed import synced_generate
 from r1v3.encoding import EncodedPrompts
+from r1v3.logprobs import sampling_logits
 from r1v3.rl import prefix
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ class HFGenerateEngine:
     """Rollouts from ``generate`` on the policy itself: batched, left-padded, with KV cache.
 
     It shares the policy's weights, so weight sync is a no-op. Log-probs are those of the
-    temperature-scaled softmax before top-p truncation, which is what the trainer recomputes.
+    distribution sampled before top-p truncation (tempered, suppressed tokens out), which is what
+    the trainer recomputes.
     """
 
     def __init__(self, model: torch.nn.Module, encoder: Any, tokenizer: Any, max_batch_rows: int = 256,
@@ -218,10 +220,11 @@ class HFGenerateEngine:
         finally:
             self.model.train(was_training)
         completion = out.sequences[:, tokens["input_ids"].shape[1]:].cpu()
-        scale = 1.0 if greedy else sampling.temperature
-        # One [N, V] step at a time: never materialise [N, T, V] log-softmax.
+        # One [N, V] step at a time: never materialise [N, T, V] log-softmax. ``out.logits`` are
+        # the raw ones, before the temperature and the suppression that sampling applied.
         logprobs = torch.stack([
-            torch.log_softmax(step.float().cpu() / scale, dim=-1).gather(1, completion[:, t:t + 1]).squeeze(1)
+            torch.log_softmax(sampling_logits(step.cpu(), sampling.temperature, self.suppress_tokens), dim=-1)
+            .gather(1, completion[:, t:t + 1]).squeeze(1)
             for t, step in enumerate(out.logits)], dim=1)
         mask, reasons = completion_mask(completion, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
                                         sampling.max_new_tokens, bool(sampling.stop))

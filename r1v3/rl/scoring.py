@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from r1v3.distributed import max_over_ranks
-from r1v3.logprobs import gather_logprobs
+from r1v3.logprobs import gather_logprobs, sampling_logits
 from r1v3.rl import prefix
 from r1v3.rl.entropy import entropy_from_logits
 from r1v3.rl.trajectory import StepRollouts
@@ -35,15 +35,15 @@ def synced_micro_batches(step: StepRollouts, rows: torch.Tensor, budget: int, mo
 
 def completion_logprobs(model: torch.nn.Module, step: StepRollouts, rows: torch.Tensor, temperature: float,
                         device, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs [len(rows), T] of the sampled completions under ``model``, at the
-    sampling temperature (greedy counts as 1), and the full-distribution entropy at each completion
-    position (None without ``with_entropy``: over a real vocabulary it is a full softmax per
+    """Per-token log-probs [len(rows), T] of the sampled completions under ``model``, in the
+    distribution the engine samples (:func:`r1v3.logprobs.sampling_logits`: tempered, banned tokens
+    out), and that distribution's entropy at each completion position (None without ``with_entropy``: over a real vocabulary it is a full softmax per
     position). Gradients flow when the caller enables them."""
     rollouts = step.rollouts
     ids = rollouts.completion_ids[rows].to(device)
     logits = prefix.rows_completion_logits(model, step.encoded, step.group_index[rows].tolist(), ids,
                                            rollouts.completion_mask[rows].to(device), device)
-    picked = logits.float() / (temperature if temperature > 0 else 1.0)
+    picked = sampling_logits(logits, temperature, step.banned_tokens)
     logp = gather_logprobs(picked, ids)
     entropy = entropy_from_logits(picked.detach()).cpu() if with_entropy else None
     return logp.cpu() * rollouts.completion_mask[rows], entropy

@@ -29,6 +29,7 @@ class StepRollouts:
     advantages: torch.Tensor | None = None  # [N] one per completion, broadcast to its tokens
     loss_mask: torch.Tensor | None = None  # [N, T] tokens that enter the loss
     ref_logprobs: torch.Tensor | None = None  # [N, T] under the reference policy, when KL is on
+    banned_tokens: tuple[int, ...] = ()  # never sampled: every log-prob pass scores them out too
 
     @property
     def group_size(self) -> int:

@@ -21,17 +21,20 @@ A private group would mean swapping torch's global default group while vLLM star
 
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from r1v3.backbone import VIDEO_FILE, VIDEO_PROCESSOR, needs_video_file
-from r1v3.errors import UserError
+from r1v3.processors import completed_checkpoint
 from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig, checkpoint_sampling_settings, warn_ignored_settings
 from r1v3.rl.weight_sync import bucketize, trainable_state
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("the vLLM rollout engine needs vLLM: on GPUs `pip install 'r1v3[vllm]'`; on CPU run "
                 "`bash .ci/setup_vllm.sh` and use its venv (see docs/vllm.md).")
@@ -55,6 +58,13 @@ class VLLMConfig:
         bucket_mb: Target size of one weight push (whole transformer blocks per push).
         cpu_kv_cache_gb: ``VLLM_CPU_KVCACHE_SPACE`` when no GPU is present.
         max_images_per_prompt: ``limit_mm_per_prompt`` for images.
+        max_prompt_logprob_gap: Largest mean |log-prob difference| per prompt token between the
+            engine and the trainer at the agreement check (first rollouts, and the first rollouts
+            after an update) before the run stops; 0 skips the log-prob half of the check.
+            Measured normal values are in docs/vllm.md.
+        mm_processor_kwargs: Image settings for the engine's processor over the trainer's own
+            (which it always gets); only to experiment, since the agreement check stops a run
+            whose engine then encodes prompts differently.
     """
 
     gpu_memory_utilization: float = 0.5
@@ -67,6 +77,8 @@ class VLLMConfig:
     bucket_mb: int = 256
     cpu_kv_cache_gb: int = 1
     max_images_per_prompt: int = 1
+    max_prompt_logprob_gap: float = 0.05
+    mm_processor_kwargs: dict | None = None
 
 
 # Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets
@@ -98,19 +110,30 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError:
             raise RuntimeError(INSTALL_HINT) from None
-        missing = needs_video_file(model_dir)
-        if missing:  # vLLM's processor for these families loads its video half too, and fails deep inside
-            raise UserError(f"{model_dir} has no {VIDEO_FILE}, which vLLM's {missing} needs: add one holding "
-                            f'{{"video_processor_type": "{VIDEO_PROCESSOR[missing]}"}} (r1v3 exports write it)')
+        # vLLM loads the processor with AutoProcessor: an unknown processor class would give it a
+        # bare tokenizer and a missing video-processor file fails its load (InternVL, Qwen2.5-VL).
+        # It then reads a copy of the directory (links) with what the trainer's loader assumes.
+        self._completed = tempfile.TemporaryDirectory(prefix="r1v3-engine-")
+        added = completed_checkpoint(model_dir, self._completed.name)
+        if added:
+            log.warning("[r1v3] the vLLM engine reads %s through links in %s, which add %s", model_dir,
+                        self._completed.name, "; ".join(added))
+            model_dir = self._completed.name
         # generation_config="vllm": the checkpoint's generation_config.json (repetition_penalty,
         # min_p, …) must not become the engine's sampling defaults; rollouts sample the plain
         # temperature-scaled distribution that the trainer scores.
         warn_ignored_settings(checkpoint_sampling_settings(_generation_config(model_dir)), "vLLM")
         kwargs = dict(model=str(model_dir), seed=seed, max_model_len=config.max_model_len,
                       limit_mm_per_prompt={"image": config.max_images_per_prompt},
-                      tensor_parallel_size=config.tensor_parallel_size, generation_config="vllm")
-        if mm_processor_kwargs:  # the trainer's image settings (InternVL tiling, Qwen pixel bounds)
-            kwargs["mm_processor_kwargs"] = dict(mm_processor_kwargs)
+                      tensor_parallel_size=config.tensor_parallel_size, generation_config="vllm",
+                      # The log-probs of the distribution sampled (after temperature and the
+                      # placeholder ban), as the trainer scores it; the default ("raw") is taken
+                      # before both, so at T != 1 the gap would compare different quantities.
+                      logprobs_mode="processed_logprobs")
+        # The trainer's image settings (InternVL tiling, Qwen pixel bounds), then any override.
+        image_settings = dict(mm_processor_kwargs or {}) | dict(config.mm_processor_kwargs or {})
+        if image_settings:
+            kwargs["mm_processor_kwargs"] = image_settings
         if on_gpu:
             kwargs.update(dtype=config.dtype, enforce_eager=config.enforce_eager,
                           gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.sleep_mode)
@@ -176,10 +199,19 @@ class VLLMEngine:
     def prompt_token_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         """The token ids vLLM makes of each prompt, image tokens included: what it conditions on,
         to compare with the trainer's encoding."""
+        return [ids for ids, _ in self.score_prompts(prompts, logprobs=False)]
+
+    def score_prompts(self, prompts: Sequence[Prompt], logprobs: bool = True) -> list[tuple[list[int], list[float]]]:
+        """Each prompt's token ids and, with ``logprobs``, the engine's log-prob of every prompt
+        token after the first (the plain softmax, at temperature 1): the engine's view of the
+        prompt, to compare with the trainer's forward pass on the same tokens."""
         from vllm import SamplingParams
 
-        outputs = self.llm.generate(self._requests(prompts), SamplingParams(max_tokens=1), use_tqdm=False)
-        return [list(out.prompt_token_ids) for out in outputs]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0 if logprobs else None)
+        outputs = self.llm.generate(self._requests(prompts), params, use_tqdm=False)
+        return [(list(out.prompt_token_ids),
+                 [step[tok].logprob for tok, step in zip(out.prompt_token_ids[1:], (out.prompt_logprobs or [None])[1:])]
+                 if logprobs else []) for out in outputs]
 
     @staticmethod
     def _requests(prompts: Sequence[Prompt]) -> list[dict]:

@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from r1v3 import backbone as bb
-from r1v3 import fsdp
+from r1v3 import fsdp, processors
 from r1v3.encoding import PromptEncoder
 from r1v3.logprobs import gather_logprobs
 from r1v3.rl.rollout import own_generation_config
@@ -107,6 +107,7 @@ class R1V3Module(LightningModule):
         self.export_dir = export_dir
         # The processor is needed before configure_model: the datamodule collates with it.
         self.processor = bb.load_processor(model_path, self.load_config.trust_remote_code)
+        self.family = processors.model_type(model_path)  # picks the image settings (r1v3.encoding.image_kwargs)
         self.backbone: bb.Backbone | None = None
         self.model: torch.nn.Module | None = None
         self._skipped: Counter = Counter()
@@ -145,8 +146,13 @@ class R1V3Module(LightningModule):
         processor's defaults when no data module is attached)."""
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         options = getattr(datamodule, "collate_options", None) or {}
-        return PromptEncoder(self.processor, **{k: options[k] for k in ("min_pixels", "max_pixels", "max_tiles")
-                                                if k in options})
+        return PromptEncoder(self.processor, family=self.family,
+                             **{k: options[k] for k in ("min_pixels", "max_pixels", "max_tiles") if k in options})
+
+    @property
+    def image_token_check(self):
+        """The model's image-token/feature count check for the collator (None before the model)."""
+        return bb.image_token_check(self.model.config) if self.model is not None else None
 
     def forward(self, inputs: dict, images: dict, **kwargs):
         return self.model(**inputs, **images, **kwargs)
@@ -334,7 +340,7 @@ class R1V3Module(LightningModule):
         if fsdp.is_sharded(self.model):  # a collective: every rank gathers, rank 0 writes
             return fsdp.export_sharded(self, out)
         self.model.save_pretrained(out)
-        bb.save_processor(self.processor, out)
+        processors.save_processor(self.processor, out)
         return out
 
     def on_train_end(self) -> None:

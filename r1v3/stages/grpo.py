@@ -26,7 +26,7 @@ from r1v3.encoding import PromptEncoder
 from r1v3.rewards import load_reward
 from r1v3.rl import scoring
 from r1v3.rl.advantages import group_advantages, zero_variance_groups
-from r1v3.rl.engines import EngineSession, build_engine, check_prompt_agreement
+from r1v3.rl.engines import EngineSession, build_engine, check_engine_agreement
 from r1v3.rl.entropy import masked_mean
 from r1v3.rl.losses import aggregate, kl_penalty, micro_batch_share, policy_loss, sequence_kl
 from r1v3.rl.rollout import Prompt, SamplingConfig, drop_completions_with
@@ -122,7 +122,7 @@ class GRPOStage(R1V3Module):
         self.last_rollouts: StepRollouts | None = None  # this step's record, for the callbacks
         self.placeholder_ids = bb.multimodal_token_ids(self.processor)  # never generated, never fed back
         self.dropped_placeholder_completions = 0
-        self._agreement_checked = False
+        self.engine_prompt_gap: float | None = None  # the last agreement check's, logged once
         self.val_rollouts: list[StepRollouts] = []  # this validation's sampled records
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("accuracy", "reward", "format_rate", "accuracy_greedy")})
@@ -202,12 +202,12 @@ class GRPOStage(R1V3Module):
         if encoded is None:  # a batch from another collator: encode once here
             encoded = self.encoder.encode_each(meta["prompt_text"], meta["pil_images"])
         with self.session as engine:
-            if not self._agreement_checked:  # once: the engine conditions on the trainer's prompt tokens
-                check_prompt_agreement(engine, prompts[:2], encoded, meta["id"], self.placeholder_ids,
-                                       self.encoder.image_kwargs)
-                self._agreement_checked = True
+            if self.session.agreement_due():  # the engine sees the trainer's prompt tokens and weights
+                self.engine_prompt_gap = check_engine_agreement(
+                    engine, self.model, prompts[:2], encoded, meta["id"], self.placeholder_ids,
+                    self.encoder.image_kwargs, self.device)
             records = [StepRollouts(prompts, encoded, engine.generate(prompts, sampling, seed=seed, encoded=encoded),
-                                    meta) for sampling, seed in plans]
+                                    meta, banned_tokens=tuple(self.placeholder_ids)) for sampling, seed in plans]
         for record in records:  # banned on both engines; should one slip through, it never reaches a forward
             self.dropped_placeholder_completions += int(drop_completions_with(
                 record.rollouts, self.placeholder_ids, self.tokenizer.pad_token_id).sum())
@@ -250,6 +250,8 @@ class GRPOStage(R1V3Module):
             "update_tokens_per_s": step.n_tokens * self.hparams.num_iterations / max(stats["update_s"], 1e-9),
             **stats, **{f"sync_{k}": v for k, v in self.session.last_sync.items()}}
         self.session.last_sync = {}
+        if self.engine_prompt_gap is not None:  # measured at this step's rollouts
+            logs["engine_prompt_logprob_gap"], self.engine_prompt_gap = self.engine_prompt_gap, None
         logs["dropped_placeholder_completions"] = self.dropped_placeholder_completions  # cumulative
         for key, value in (getattr(self.reward_fn, "stats", None) or {}).items():
             logs[f"reward_{key}"] = value  # cumulative: timeouts, errors, judge flips
@@ -347,7 +349,8 @@ class GRPOStage(R1V3Module):
     def record(self, prompts: Sequence[Prompt], rollouts) -> StepRollouts:
         """A step record for rollouts made outside ``training_step`` (scripts, benchmarks, tests)."""
         return StepRollouts(list(prompts), self.encoder.encode_each([p.text for p in prompts],
-                                                                    [p.images for p in prompts]), rollouts)
+                                                                    [p.images for p in prompts]), rollouts,
+                            banned_tokens=tuple(self.placeholder_ids))
 
     # -- validation: greedy answers through the same engine --------------------------------------
     def validation_step(self, batch: dict, batch_idx: int):

@@ -9,6 +9,11 @@ Presets (per family):
 - ``small`` — the benchmark reference: text hidden 512 × 8 layers, 8 heads / 2 KV heads, a 4-layer
   vision tower, 64 image tokens per image, about 25–30M parameters.
 - ``medium`` — ``small`` scaled to about 0.56B parameters, for the memory benchmark.
+
+Options that give a preset the settings of released checkpoints, which the defaults do not have:
+``tiles`` (InternVL's tiling: up to that many crops of the image plus a thumbnail), ``dynamic``
+(Qwen2.5-VL's dynamic resolution: the token count follows the image's size), ``vocab`` (a
+tokenizer of real size, ~150k entries) and ``tied`` (one matrix for input and output embeddings).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from r1v3.backbone import save_processor
+from r1v3.processors import InternVLProcessorNoVideo, Qwen2_5_VLProcessorNoVideo, save_processor
 
 FAMILIES = ("internvl", "qwen2_5_vl", "llava")
 SIZES = ("tiny", "small", "medium")
@@ -98,7 +103,9 @@ def _fallback_corpus() -> list[str]:
 
 
 def build_tokenizer(family: str, corpus: Sequence[str], vocab_size: int):
-    """Train a byte-level BPE on ``corpus`` and wrap it with the family's special tokens."""
+    """Train a byte-level BPE on ``corpus`` and wrap it with the family's special tokens. A corpus
+    too small to learn ``vocab_size`` entries gets the rest as merges of learnt tokens
+    (:func:`_grow_vocabulary`), so a real-size vocabulary costs seconds, not a large corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -116,6 +123,8 @@ def build_tokenizer(family: str, corpus: Sequence[str], vocab_size: int):
     # The chat scaffolding is in every prompt: give it whole-word merges.
     scaffold = ["user\n", "assistant\n", "system\n", "The answer is", "Wait, let me recount."] * 50
     bpe.train_from_iterator([*corpus, *scaffold], trainer=trainer)
+    if bpe.get_vocab_size() < vocab_size:
+        bpe = _grow_vocabulary(bpe, vocab_size)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=BOS,
@@ -130,19 +139,41 @@ def build_tokenizer(family: str, corpus: Sequence[str], vocab_size: int):
     return tokenizer
 
 
-def build_processor(family: str, tokenizer, preset: Preset):
-    from r1v3 import backbone
+def _grow_vocabulary(bpe, vocab_size: int):
+    """Extend a trained BPE to ``vocab_size`` entries with merges of its own tokens, appended after
+    the learnt ones (so they rank last): a vocabulary and merge table of real size, as the
+    embedding, the logits and the rollout engine's token bans see them."""
+    from tokenizers import Tokenizer
 
+    spec = json.loads(bpe.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    specials = {t["content"] for t in spec["added_tokens"]}
+    parts = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in specials]
+    next_id = max(vocab.values()) + 1
+    for left in parts:
+        for right in parts:
+            if next_id >= vocab_size:
+                spec["model"]["vocab"], spec["model"]["merges"] = vocab, merges
+                return Tokenizer.from_str(json.dumps(spec))
+            if left + right not in vocab:
+                vocab[left + right] = next_id
+                merges.append([left, right])
+                next_id += 1
+    raise ValueError(f"cannot grow the vocabulary to {vocab_size} entries")
+
+
+def build_processor(family: str, tokenizer, preset: Preset, tiles: int = 1, dynamic: bool = False):
     template = chat_template(family)
     if family == "internvl":
         from transformers import GotOcr2ImageProcessorPil
 
+        # tiles > 1: InternVL's own setting (crop_to_patches, up to max_patches crops + a thumbnail).
         image_processor = GotOcr2ImageProcessorPil(
             size={"height": preset.image_size, "width": preset.image_size},
-            crop_to_patches=False, max_patches=1,
+            crop_to_patches=tiles > 1, min_patches=1, max_patches=tiles,
         )
         tokens_per_image = (preset.image_size // preset.patch) ** 2 // 4  # pixel shuffle 0.5
-        return backbone.InternVLProcessorNoVideo(
+        return InternVLProcessorNoVideo(
             image_processor=image_processor, tokenizer=tokenizer,
             image_seq_length=tokens_per_image, chat_template=template,
         )
@@ -150,11 +181,15 @@ def build_processor(family: str, tokenizer, preset: Preset):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         pixels = preset.image_size * preset.image_size
+        # dynamic: the token count follows the image's size between Qwen's bounds (one merged
+        # 2x2 patch at least, four preset-size images' worth at most); else one fixed resolution.
+        unit = (2 * preset.patch) ** 2
+        bounds = {"shortest_edge": unit * 4, "longest_edge": pixels * 4} if dynamic else {
+            "shortest_edge": pixels, "longest_edge": pixels}
         image_processor = Qwen2VLImageProcessorPil(
-            patch_size=preset.patch, merge_size=2, temporal_patch_size=2,
-            size={"shortest_edge": pixels, "longest_edge": pixels},
+            patch_size=preset.patch, merge_size=2, temporal_patch_size=2, size=bounds,
         )
-        return backbone.Qwen2_5_VLProcessorNoVideo(
+        return Qwen2_5_VLProcessorNoVideo(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
         )
     if family == "llava":
@@ -241,9 +276,12 @@ def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
 
 
 def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
-               corpus: Sequence[str] | None = None, tied: bool = False) -> Path:
-    """Build a random ``family`` model of preset ``size`` and save model + processor to ``out``;
-    ``tied`` shares the input and output embeddings."""
+               corpus: Sequence[str] | None = None, tied: bool = False, tiles: int = 1,
+               dynamic: bool = False, vocab: int | None = None) -> Path:
+    """Build a random ``family`` model of preset ``size`` and save model + processor to ``out``.
+
+    ``tied`` shares the input and output embeddings; ``tiles`` > 1 turns on InternVL's tiling;
+    ``dynamic`` gives Qwen2.5-VL dynamic resolution; ``vocab`` sets the tokenizer's size."""
     from transformers import AutoModelForImageTextToText
 
     if family not in FAMILIES:
@@ -253,8 +291,10 @@ def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
     preset = PRESETS[size]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(family, corpus or _fallback_corpus(), preset.vocab_size)
-    processor = build_processor(family, tokenizer, preset)
+    if tiles > 1 and family != "internvl" or dynamic and family != "qwen2_5_vl":
+        raise ValueError("tiles is InternVL's setting and dynamic Qwen2.5-VL's")
+    tokenizer = build_tokenizer(family, corpus or _fallback_corpus(), vocab or preset.vocab_size)
+    processor = build_processor(family, tokenizer, preset, tiles, dynamic)
     config = build_config(family, preset, tokenizer, tied)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
@@ -268,8 +308,8 @@ def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
         _nest_clip_tower(out / "model.safetensors")
     n_params = sum(p.numel() for p in model.parameters())
     (out / "r1v3_tiny.json").write_text(json.dumps(
-        {"family": family, "size": size, "seed": seed, "tied": tied, "params": n_params,
-         "image_size": preset.image_size}, indent=1))
+        {"family": family, "size": size, "seed": seed, "tied": tied, "tiles": tiles, "dynamic": dynamic,
+         "vocab": len(tokenizer), "params": n_params, "image_size": preset.image_size}, indent=1))
     return out
 
 
@@ -295,8 +335,16 @@ def tiny_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tied", action="store_true", help="share the input and output embeddings")
+    parser.add_argument("--tiles", type=int, default=1,
+                        help="InternVL: tile images into up to this many crops plus a thumbnail")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="Qwen2.5-VL: dynamic resolution (the token count follows the image size)")
+    parser.add_argument("--vocab", type=int, default=None, help="tokenizer size, e.g. 151000 as in Qwen2.5")
     args = parser.parse_args(argv)
-    out = build_tiny(args.family, args.out, size=args.size, seed=args.seed, tied=args.tied)
+    if args.tiles > 1 and args.family != "internvl" or args.dynamic and args.family != "qwen2_5_vl":
+        parser.error("--tiles is for --family internvl and --dynamic for --family qwen2_5_vl")
+    out = build_tiny(args.family, args.out, size=args.size, seed=args.seed, tied=args.tied, tiles=args.tiles,
+                     dynamic=args.dynamic, vocab=args.vocab)
     print(json.dumps(json.loads((out / "r1v3_tiny.json").read_text()) | {"out": str(out)}))
     return 0
 
