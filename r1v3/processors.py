@@ -110,8 +110,9 @@ def load_processor(path: str | Path, trust_remote_code: bool = False):
 
     check_model_path(path)
     no_torchvision = importlib.util.find_spec("torchvision") is None
-    if no_torchvision and saved_processor_class(path) in _NO_VIDEO:
-        return _NO_VIDEO[saved_processor_class(path)].from_pretrained(str(path))
+    saved = saved_processor_class(path)
+    if no_torchvision and saved in _NO_VIDEO:
+        return _NO_VIDEO[saved].from_pretrained(str(path))
     try:
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ImportError) as err:  # "Can't load video processor": the file is optional for training

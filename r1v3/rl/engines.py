@@ -89,8 +89,8 @@ def check_engine_agreement(engine: RolloutEngine, model: torch.nn.Module, prompt
                            device) -> float | None:
     """Check that an engine which runs its own processor and holds its own copy of the weights
     (vLLM) sees the trainer's prompts: the same token ids, image tokens included, and the same
-    log-prob for each prompt token, within the engine's ``max_prompt_logprob_gap`` (0: not compared). Else every sample would be trained on
-    a prompt or a policy it was not drawn from. A difference is one ``UserError`` naming both sides;
+    log-prob for each prompt token, within the engine's ``max_prompt_logprob_gap`` (0: not
+    compared). Else every sample would be trained on a prompt or a policy it was not drawn from. A difference is one ``UserError`` naming both sides;
     returns the measured mean |log-prob gap| per prompt token (None for an engine that takes the
     trainer's encoding and weights, as HF's does, and agrees by construction)."""
     if not hasattr(engine, "score_prompts"):

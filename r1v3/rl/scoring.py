@@ -37,8 +37,9 @@ def completion_logprobs(model: torch.nn.Module, step: StepRollouts, rows: torch.
                         device, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs [len(rows), T] of the sampled completions under ``model``, in the
     distribution the engine samples (:func:`r1v3.logprobs.sampling_logits`: tempered, banned tokens
-    out), and that distribution's entropy at each completion position (None without ``with_entropy``: over a real vocabulary it is a full softmax per
-    position). Gradients flow when the caller enables them."""
+    out), and that distribution's entropy at each completion position (None without
+    ``with_entropy``: over a real vocabulary it is a full softmax per position). Gradients flow
+    when the caller enables them."""
     rollouts = step.rollouts
     ids = rollouts.completion_ids[rows].to(device)
     logits = prefix.rows_completion_logits(model, step.encoded, step.group_index[rows].tolist(), ids,

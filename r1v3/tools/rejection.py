@@ -28,7 +28,8 @@ def rejection_sample(model: str, shards: str, out: str, k: int = 4, temperature:
     from r1v3.rl.rollout import Prompt, SamplingConfig
 
     backbone = bb.load_backbone(model)
-    rollout = build_engine(engine, model_dir=model, model=backbone.model, encoder=PromptEncoder(backbone.processor),
+    encoder = PromptEncoder(backbone.processor, family=backbone.family)  # the image settings, as the stages pick them
+    rollout = build_engine(engine, model_dir=model, model=backbone.model, encoder=encoder,
                            tokenizer=backbone.tokenizer, seed=seed, family=backbone.family,
                            suppress_tokens=bb.multimodal_token_ids(backbone.processor))
     session = EngineSession(rollout, lambda: (backbone.model, ()), stale=False)
