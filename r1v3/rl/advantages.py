@@ -82,3 +82,21 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
     """
     r = _grouped(rewards, group_size)
     return (r == r[:, :1]).all(dim=1)
+
+
+def soft_overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, §3.4, eq. 13), a reward term per
+    completion of ``lengths`` tokens with L_max = ``max_len`` and L_cache = ``buffer``:
+
+        0                                   if |y| ≤ L_max - L_cache,
+        ((L_max - L_cache) - |y|) / L_cache  if L_max - L_cache < |y| ≤ L_max,
+        -1                                  if |y| > L_max,
+
+    times ``factor``: a penalty that grows linearly through the last ``buffer`` tokens of the
+    budget, reaching -1 at the limit (DAPO: L_max 20480 with a 4096 buffer)."""
+    if buffer <= 0 or buffer > max_len:
+        raise ValueError(f"the overlong buffer must be in (0, {max_len}], got {buffer}")
+    lengths = lengths.float()
+    start = float(max_len - buffer)
+    penalty = ((start - lengths) / buffer).clamp(min=-1.0, max=0.0)
+    return factor * torch.where(lengths > max_len, torch.full_like(penalty, -1.0), penalty)

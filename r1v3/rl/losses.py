@@ -26,6 +26,16 @@ def _zero_padding(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
+def weighted(per_token: Tensor, weights: Tensor | None) -> Tensor:
+    """Per-token values times constant per-token weights (none: unchanged)."""
+    return per_token if weights is None else per_token * weights.detach().to(per_token.dtype)
+
+
+def log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """log(π/π_old) per token: 0 on padding (so exp never sees garbage), clamped to ±20."""
+    return _zero_padding(logp - old_logp.detach(), mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
 def aggregate(
     values: Tensor,
     mask: Tensor,
@@ -96,6 +106,7 @@ def policy_loss(
     clip_eps_high: float = 0.2,
     agg: AggMode = "seq-mean-token-mean",
     norm_length: int | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO/GRPO clipped surrogate loss and detached statistics.
 
@@ -106,7 +117,9 @@ def policy_loss(
 
     ``advantages`` is [B] (one value per sequence, broadcast to its tokens, as GRPO does) or
     [B, T]. ``old_logp`` and ``advantages`` are treated as constants. The log-ratio is clamped to
-    ±20 before exp (see ``LOG_RATIO_CLAMP``); a token beyond it gets no gradient.
+    ±20 before exp (see ``LOG_RATIO_CLAMP``); a token beyond it gets no gradient. ``weights``
+    [B, T], constant, multiply each token's loss before the reduction: the rollout correction's
+    importance weights and the entropy controls' token selections (:mod:`r1v3.rl.objective`).
 
     On-policy (old_logp = logp.detach(), the paper's single update per rollout batch), ρ = 1 with
     ∇ρ = ∇logp, so clipping cannot bind, the loss value is -aggregate(A) and the gradient is the
@@ -127,32 +140,38 @@ def policy_loss(
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)
     adv = adv.expand_as(logp)
-    # Padding positions get log-ratio 0 so exp never sees garbage; aggregate drops them anyway.
-    log_ratio = _zero_padding(logp - old_logp.detach(), mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = log_ratio.exp()
+    lr = log_ratio(logp, old_logp, mask)
+    ratio = lr.exp()
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
-    loss = aggregate(per_token, mask, agg, norm_length)
+    loss = aggregate(weighted(per_token, weights), mask, agg, norm_length)
 
     with torch.no_grad():
-        high = (ratio > 1.0 + clip_eps_high) & (adv > 0) & mask
-        low = (ratio < 1.0 - clip_eps_low) & (adv < 0) & mask
-        f32 = ratio.float()
-        if mask.any():
-            r_min, r_max = f32[mask].min(), f32[mask].max()
-        else:
-            r_min = r_max = torch.ones((), device=ratio.device)
-        stats = {
-            "clip_frac": masked_mean((high | low).float(), mask),
-            "clip_frac_high": masked_mean(high.float(), mask),
-            "clip_frac_low": masked_mean(low.float(), mask),
-            "ratio_mean": masked_mean(f32, mask) if mask.any() else torch.ones((), device=ratio.device),
-            "ratio_min": r_min,
-            "ratio_max": r_max,
-            "approx_kl_old": masked_mean(f32 - 1.0 - log_ratio.float(), mask),
-        }
+        high = (ratio > 1.0 + clip_eps_high) & (adv > 0)
+        low = (ratio < 1.0 - clip_eps_low) & (adv < 0)
+        stats = ratio_stats(ratio, lr, mask, high, low)
     return loss, stats
+
+
+@torch.no_grad()
+def ratio_stats(ratio: Tensor, lr: Tensor, mask: Tensor, high: Tensor, low: Tensor) -> dict[str, Tensor]:
+    """The clipping and ratio statistics every policy loss reports, over the unmasked tokens.
+
+    ``high``/``low`` mark where the loss's clip binds on each side (the token gets no gradient
+    there, or, for CISPO, a truncated weight)."""
+    mask = mask.bool()
+    high, low, f32 = high & mask, low & mask, ratio.float()
+    one = torch.ones((), device=ratio.device)
+    return {
+        "clip_frac": masked_mean((high | low).float(), mask),
+        "clip_frac_high": masked_mean(high.float(), mask),
+        "clip_frac_low": masked_mean(low.float(), mask),
+        "ratio_mean": masked_mean(f32, mask) if mask.any() else one,
+        "ratio_min": f32[mask].min() if mask.any() else one,
+        "ratio_max": f32[mask].max() if mask.any() else one,
+        "approx_kl_old": masked_mean(f32 - 1.0 - lr.float(), mask),
+    }
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: KLKind) -> Tensor:
