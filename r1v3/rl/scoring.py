@@ -34,19 +34,21 @@ def synced_micro_batches(step: StepRollouts, rows: torch.Tensor, budget: int, mo
 
 
 def completion_logprobs(model: torch.nn.Module, step: StepRollouts, rows: torch.Tensor, temperature: float,
-                        device, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        device, with_entropy: bool = True,
+                        entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs [len(rows), T] of the sampled completions under ``model``, in the
     distribution the engine samples (:func:`r1v3.logprobs.sampling_logits`: tempered, banned tokens
     out), and that distribution's entropy at each completion position (None without
     ``with_entropy``: over a real vocabulary it is a full softmax per position). Gradients flow
-    when the caller enables them."""
+    when the caller enables them; through the entropy only with ``entropy_grad`` (the entropy
+    bonus), since its backward is another pass over the vocabulary."""
     rollouts = step.rollouts
     ids = rollouts.completion_ids[rows].to(device)
     logits = prefix.rows_completion_logits(model, step.encoded, step.group_index[rows].tolist(), ids,
                                            rollouts.completion_mask[rows].to(device), device)
     picked = sampling_logits(logits, temperature, step.banned_tokens)
     logp = gather_logprobs(picked, ids)
-    entropy = entropy_from_logits(picked.detach()).cpu() if with_entropy else None
+    entropy = entropy_from_logits(picked if entropy_grad else picked.detach()).cpu() if with_entropy else None
     return logp.cpu() * rollouts.completion_mask[rows], entropy
 
 

@@ -158,6 +158,12 @@ class VLLMEngine:
                 set_threads(threads)
         self.syncs = 0
 
+    @property
+    def dtype(self) -> str:
+        """The engine's compute dtype (``float32``, ``bfloat16``): the rollout correction's
+        ``auto`` mode reads it."""
+        return str(self.llm.llm_engine.model_config.dtype).replace("torch.", "")
+
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int | None = None,
                  encoded=None) -> Rollouts:
         """vLLM runs the processor itself on each prompt's text and images (``encoded`` is unused)."""
