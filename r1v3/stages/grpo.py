@@ -21,22 +21,24 @@ import torch
 from torchmetrics import MeanMetric
 
 from r1v3 import backbone as bb
-from r1v3.distributed import is_sharded, max_over_ranks
+from r1v3.distributed import max_over_ranks
 from r1v3.encoding import PromptEncoder
 from r1v3.rewards import load_reward
-from r1v3.rl import scoring
-from r1v3.rl.advantages import group_advantages, zero_variance_groups
+from r1v3.rl.advantages import group_advantages, soft_overlong_penalty, zero_variance_groups
+from r1v3.rl.correction import RolloutCorrection
 from r1v3.rl.engines import EngineSession, build_engine, check_engine_agreement
-from r1v3.rl.entropy import masked_mean
-from r1v3.rl.losses import aggregate, kl_penalty, micro_batch_share, policy_loss, sequence_kl
+from r1v3.rl.entropy_controls import EntropyControl
+from r1v3.rl.losses import sequence_kl
+from r1v3.rl.objective import LossSpec
 from r1v3.rl.rollout import Prompt, SamplingConfig, drop_completions_with
 from r1v3.rl.trajectory import StepRollouts
 from r1v3.rl.vllm_engine import INSTALL_HINT, VLLMConfig, vllm_available
 from r1v3.stages.base import OptimizerConfig, R1V3Module
+from r1v3.stages.grpo_update import PolicyUpdate
 from r1v3.stages.rollout_log import RolloutTable
 
 
-class GRPOStage(R1V3Module):
+class GRPOStage(PolicyUpdate, R1V3Module):
     collate_mode = "prompt"
 
     def __init__(
@@ -52,10 +54,15 @@ class GRPOStage(R1V3Module):
         reward_fn: str = "r1v3.rewards.R1V3Reward",
         reward_kwargs: dict | None = None,
         truncation: Literal["score", "zero", "mask"] = "score",
+        overlong_buffer: int = 0,
         std_mode: Literal["group", "batch", "none"] = "group",
         loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean",
         clip_eps_low: float = 0.2,
         clip_eps_high: float = 0.2,
+        policy_loss: Literal["grpo", "gspo", "gspo-token", "cispo", "sapo"] = "grpo",
+        sapo_tau: tuple[float, float] = (1.0, 1.05),
+        correction: RolloutCorrection = RolloutCorrection(),
+        entropy_control: EntropyControl = EntropyControl(),
         num_iterations: int = 1,
         mini_batches: int = 1,
         micro_batch_tokens: int = 8192,
@@ -85,12 +92,21 @@ class GRPOStage(R1V3Module):
             reward_kwargs: Keyword arguments if ``reward_fn`` is a class.
             truncation: Completions that hit max_new_tokens: ``score`` normally, ``zero`` reward,
                 or ``mask`` them out of the loss (DAPO's overlong filtering, arXiv 2503.14476).
+            overlong_buffer: DAPO's soft overlong punishment: a reward penalty rising to -1 over
+                the last N tokens of max_new_tokens (0 = off; DAPO: a fifth of the budget).
             std_mode: Advantage normalisation: ``group`` std (GRPO), ``batch`` std, ``none``
                 (Dr.GRPO, arXiv 2503.20783).
             loss_agg: ``seq-mean-token-mean`` (the paper), ``token-mean`` (DAPO),
                 ``seq-mean-token-sum-norm`` (Dr.GRPO).
             clip_eps_low: PPO clip range below 1 (the paper: 0.2).
             clip_eps_high: Clip range above 1; > clip_eps_low is DAPO's clip-higher.
+            policy_loss: ``grpo`` (the paper), ``gspo``, ``gspo-token``, ``cispo`` or ``sapo``;
+                docs/algorithms.md gives each formula and the clip settings of its paper.
+            sapo_tau: SAPO's gate temperatures for positive and negative advantages.
+            correction: Importance weights between the engine's sampling log-probs and the
+                trainer's (TIS/MIS); ``auto`` turns TIS on where one side computes in bf16.
+            entropy_control: High-entropy token selection, entropy bonus (optionally adaptive),
+                Clip-Cov/KL-Cov.
             num_iterations: Updates per rollout batch over the same samples (1 = on-policy).
             mini_batches: Optimizer updates each iteration splits the rollout batch into.
             micro_batch_tokens: Token budget of one forward/backward; gradients accumulate.
@@ -107,12 +123,22 @@ class GRPOStage(R1V3Module):
         """
         if sampling.n < 2:  # one sample per prompt has no group to be better or worse than
             raise bb.BackboneError(f"sampling.n (the group size G) must be at least 2 for GRPO, got {sampling.n}")
+        if not 0 <= overlong_buffer <= sampling.max_new_tokens:
+            raise bb.BackboneError(f"overlong_buffer must be between 0 and sampling.max_new_tokens "
+                                   f"({sampling.max_new_tokens}), got {overlong_buffer}")
         if rollout == "vllm" and not vllm_available():
             raise bb.BackboneError(f"rollout: vllm - {INSTALL_HINT}")
         super().__init__(model_path, trainable, optimizer, load, sampling.max_new_tokens, export_dir)
         self.automatic_optimization = False
         self.sampling = sampling
         self.vllm_config = vllm  # hparams keep a plain-dict copy; the engine wants the dataclass
+        self.loss_spec = LossSpec(
+            policy_loss, clip_eps_low, clip_eps_high, loss_agg, sampling.max_new_tokens, tuple(sapo_tau),
+            correction if isinstance(correction, RolloutCorrection) else RolloutCorrection(**correction),
+            entropy=entropy_control if isinstance(entropy_control, EntropyControl) else EntropyControl(**entropy_control),
+            kl_coef=kl_coef if kl_in == "loss" else 0.0, kl_estimator=kl_estimator)
+        self.entropy_coef = self.loss_spec.entropy.bonus_coef  # Skywork-OR1's c, adapted per step
+        self.last_entropy: float | None = None
         self.reward_fn = load_reward(reward_fn, reward_kwargs)
         self.engine = None
         self._session: EngineSession | None = None
@@ -223,6 +249,9 @@ class GRPOStage(R1V3Module):
         rewards = torch.tensor([s["reward"] for s in step.scores], dtype=torch.float32)
         if self.hparams.truncation == "zero":
             rewards = torch.where(step.rollouts.truncated, torch.zeros_like(rewards), rewards)
+        if self.hparams.overlong_buffer > 0:  # DAPO: long answers lose reward before the hard cut
+            rewards = rewards + soft_overlong_penalty(step.rollouts.lengths, self.sampling.max_new_tokens,
+                                                      self.hparams.overlong_buffer)
         step.rewards = rewards
         return step.scores
 
@@ -258,93 +287,6 @@ class GRPOStage(R1V3Module):
         self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, batch_size=len(step.prompts))
         self.log("reward", float(logs["reward_mean"]), prog_bar=True, logger=False)
         self.log("step_s", float(logs["step_s"]), prog_bar=True, logger=False)
-
-    # -- updates ---------------------------------------------------------------------------------
-    def update(self, step: StepRollouts, rows: torch.Tensor) -> dict:
-        hp = self.hparams
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        old_logp = None
-        t_forward = t_backward = 0.0
-        t0 = time.perf_counter()
-        if hp.num_iterations * hp.mini_batches > 1:  # off-policy updates need π_old fixed up front
-            old_logp = scoring.all_rows(self.model, step, self.sampling.temperature, hp.micro_batch_tokens,
-                                        self.device, rows)
-        t_old = time.perf_counter() - t0
-        stats: dict[str, list] = {}
-        first_update, padded = True, 0
-        for _ in range(hp.num_iterations):
-            chunks = list(rows.chunk(hp.mini_batches)) if len(rows) else []
-            if is_sharded(self.model):  # every rank steps the optimizer equally often
-                chunks += [rows[:0]] * (hp.mini_batches - len(chunks))
-            for mb in chunks:
-                opt.zero_grad()
-                micros = scoring.synced_micro_batches(step, mb, hp.micro_batch_tokens, self.model, self.device)
-                for micro, real in micros:
-                    t0 = time.perf_counter()
-                    logp, entropy = self.policy_logprobs(step, micro, with_grad=True)
-                    t_forward += time.perf_counter() - t0
-                    if not real:  # zero weight: its backward only joins the other ranks' collectives
-                        self.manual_backward(logp.sum() * 0.0)
-                        padded += 1
-                        continue
-                    mask = step.loss_mask[micro]
-                    old = old_logp[torch.searchsorted(rows, micro)] if old_logp is not None else logp.detach()
-                    loss, st = policy_loss(logp, old, step.advantages[micro], mask, hp.clip_eps_low,
-                                           hp.clip_eps_high, hp.loss_agg, norm_length=self.sampling.max_new_tokens)
-                    if step.ref_logprobs is not None and hp.kl_in == "loss":
-                        kl = kl_penalty(logp, step.ref_logprobs[micro], hp.kl_estimator)
-                        loss = loss + hp.kl_coef * aggregate(kl, mask, hp.loss_agg,
-                                                             norm_length=self.sampling.max_new_tokens)
-                    share = micro_batch_share(mask, step.loss_mask[mb], hp.loss_agg)
-                    t0 = time.perf_counter()
-                    self.manual_backward(loss * share)
-                    t_backward += time.perf_counter() - t0
-                    st["entropy"] = masked_mean(entropy, mask)
-                    if first_update:  # before any step on this batch: engine and trainer must agree
-                        st["logprob_gap"] = masked_mean((logp.detach() - step.rollouts.logprobs[micro]).abs(), mask)
-                    st["loss"] = loss.detach()
-                    for k, v in st.items():
-                        stats.setdefault(k, []).append(float(v))
-                if not self.gradients_finite():  # a NaN/inf loss or gradient: skip this update
-                    opt.zero_grad(set_to_none=True)
-                    self.skip_nonfinite("gradient")
-                    continue
-                self.finite_update()
-                if hp.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        [p for p in self.model.parameters() if p.requires_grad], hp.max_grad_norm)
-                    stats.setdefault("grad_norm", []).append(float(grad_norm))
-                opt.step()
-                sched.step()
-                first_update = False
-        stats["lr"] = [opt.param_groups[0]["lr"]]
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
-        return out | {"old_logprob_s": t_old, "forward_s": t_forward, "backward_s": t_backward,
-                      "padded_micro_batches": padded}
-
-    # -- log-probs of a step's rollouts (r1v3.rl.scoring), at the sampling temperature ------------
-    def micro_batches(self, step: StepRollouts, rows: torch.Tensor) -> list[torch.Tensor]:
-        return scoring.micro_batches(step, rows, self.hparams.micro_batch_tokens, self.model)
-
-    def policy_logprobs(self, step: StepRollouts, rows: torch.Tensor, with_grad: bool,
-                        model: torch.nn.Module | None = None, with_entropy: bool = True):
-        """Per-token log-probs [len(rows), T] and entropies of the step's completions (see
-        :func:`r1v3.rl.scoring.completion_logprobs`)."""
-        with torch.set_grad_enabled(with_grad):
-            return scoring.completion_logprobs(model if model is not None else self.model, step, rows,
-                                               self.sampling.temperature, self.device, with_entropy)
-
-    def reference_logprobs(self, step: StepRollouts, model: torch.nn.Module | None = None) -> torch.Tensor:
-        """Log-probs of the step's rollouts under ``model`` (default: the loaded reference policy)."""
-        model = model if model is not None else self.reference[0]
-        return scoring.all_rows(model, step, self.sampling.temperature, self.hparams.micro_batch_tokens, self.device)
-
-    def completion_entropy(self, step: StepRollouts) -> tuple[torch.Tensor, int]:
-        """Entropy [N, T] of the current policy's distribution at each completion token (the
-        logits that produced it, at the sampling temperature), and the vocabulary size."""
-        entropy = scoring.all_rows(self.model, step, self.sampling.temperature, self.hparams.micro_batch_tokens,
-                                   self.device, entropy=True)
-        return entropy, self.model.get_output_embeddings().weight.shape[0]
 
     def record(self, prompts: Sequence[Prompt], rollouts) -> StepRollouts:
         """A step record for rollouts made outside ``training_step`` (scripts, benchmarks, tests)."""
@@ -383,6 +325,16 @@ class GRPOStage(R1V3Module):
             if metric.update_count:
                 self.log(f"val/{name}", metric.compute(), prog_bar=name == "accuracy")
             metric.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["r1v3_entropy_control"] = {"coef": self.entropy_coef, "last_entropy": self.last_entropy}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("r1v3_entropy_control")
+        if state:  # the adaptive coefficient resumes where it was
+            self.entropy_coef, self.last_entropy = state["coef"], state["last_entropy"]
 
     def on_train_end(self) -> None:
         if self.engine is not None:
