@@ -38,6 +38,10 @@ from r1v3.stages.grpo_update import PolicyUpdate
 from r1v3.stages.rollout_log import RolloutTable
 
 
+# Like verl's max_num_gen_batches for DAPO: a run whose batches all lack a learning signal stops.
+IDLE_BATCH_LIMIT = 20
+
+
 class GRPOStage(PolicyUpdate, R1V3Module):
     collate_mode = "prompt"
 
@@ -139,6 +143,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
             kl_coef=kl_coef if kl_in == "loss" else 0.0, kl_estimator=kl_estimator)
         self.entropy_coef = self.loss_spec.entropy.bonus_coef  # Skywork-OR1's c, adapted per step
         self.last_entropy: float | None = None
+        self.idle_batches = 0  # consecutive rollout batches that dynamic sampling emptied
         self.reward_fn = load_reward(reward_fn, reward_kwargs)
         self.engine = None
         self._session: EngineSession | None = None
@@ -211,7 +216,9 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         rows = self.advantages(step)
         t1 = time.perf_counter()
         # Sharded: a rank whose rows dynamic sampling dropped still joins the others' updates.
-        update_stats = self.update(step, rows) if max_over_ranks(len(rows), self.model, self.device) else {}
+        informative = max_over_ranks(len(rows), self.model, self.device)
+        update_stats = self.update(step, rows) if informative else {}
+        self.check_progress(informative)
         self.session.mark_stale()  # pushed when the engine next wakes, right before it generates
         timing = {"rollout_s": t_rollout, "reward_s": t_reward, "update_s": time.perf_counter() - t1,
                   "step_s": time.perf_counter() - t0}
@@ -272,6 +279,16 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         if hp.dynamic_sampling:
             rows = rows[~zero_variance_groups(step.rewards, step.group_size).repeat_interleave(step.group_size)]
         return rows
+
+    def check_progress(self, informative: int) -> None:
+        """Stop a run that dynamic sampling keeps from ever updating: every group of every recent
+        batch had equal rewards, so max_steps (counted in updates) would never be reached."""
+        self.idle_batches = 0 if informative else self.idle_batches + 1
+        if self.idle_batches >= IDLE_BATCH_LIMIT:
+            raise bb.BackboneError(
+                f"dynamic_sampling dropped every group of the last {IDLE_BATCH_LIMIT} rollout batches (all rewards "
+                "equal within each group), so no update happens; check the rewards (train/reward_mean) and the "
+                "data's difficulty, or set dynamic_sampling: false")
 
     def log_step(self, step: StepRollouts, stats: dict) -> None:
         logs = step.summary() | {
