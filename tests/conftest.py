@@ -99,3 +99,28 @@ def need_vllm():
         if os.environ.get("R1V3_REQUIRE_VLLM") == "1":
             pytest.fail("R1V3_REQUIRE_VLLM=1 but vLLM does not import (run `bash .ci/setup_vllm.sh`)")
         pytest.skip("vLLM is not installed (the vLLM tier runs in the venv of .ci/setup_vllm.sh)")
+
+
+@pytest.fixture(scope="session")
+def sft_start(tmp_path_factory) -> tuple[Path, Path]:
+    """One short cold-start SFT of the tiny demo model on the colour task, shared by the runs that
+    compare GRPO variants: (its HF export, its data). 80 steps leave it weak on purpose (rewards
+    around 0.1), so that a short GRPO run has room to raise them."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from r1v3.data_modules.synthetic import write_synthetic
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.stages.base import OptimizerConfig
+    from r1v3.stages.sft import SFTStage
+    from r1v3.tools.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("sft_start")
+    build_tiny("internvl", root / "model")
+    write_synthetic(root / "data", n_train=512, n_val=32, n_ood=0, seed=0, train_tasks=("colour",))
+    seed_everything(0)
+    stage = SFTStage(str(root / "model"), optimizer=OptimizerConfig(lr=1e-3, warmup_ratio=0.0), max_new_tokens=24,
+                     export_dir=str(root / "sft"))
+    Trainer(accelerator="cpu", max_steps=80, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0).fit(
+        stage, datamodule=WebDataModule(train=str(root / "data" / "train"), batch_size=16))
+    return root / "sft", root / "data"
