@@ -86,3 +86,16 @@ def test_compare_trl_smoke_trl(tmp_path):
                                       "says how to install it in its own venv")
     result = _compare_trl(tmp_path, "trl")
     assert result["checks"]["old_logprob_pass"] is False and result["tokens_per_s_over_trl"] == 1.0
+
+
+def test_loss_variants_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "loss_variants.py"), "--smoke", "--seeds", "0",
+                          "--variants", "grpo", "gspo", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    runs, summary = lines[:2], lines[-1]
+    assert [r["variant"] for r in runs] == ["grpo", "gspo"] and all(r["steps"] == 4 for r in runs)
+    assert [s["variant"] for s in summary["variants"]] == ["grpo", "gspo"]
+    assert 0.0 <= summary["variants"][0]["accuracy_mean"] <= 1.0 and summary["mini_batches"] == 2
+    assert "| gspo |" in out.stderr  # the docs table
