@@ -62,11 +62,15 @@ def main(argv=None) -> None:
                               vllm_config=VLLMConfig(max_model_len=1024, dtype=dtype or "float32",
                                                      max_prompt_logprob_gap=1e9),
                               suppress_tokens=stage.placeholder_ids)
-        record = stage.record(prompts, engine.generate(prompts, sampling, seed=0))
-        rows = torch.arange(record.rollouts.completion_ids.shape[0])
-        has_image = torch.tensor([bool(prompts[g].images) for g in record.group_index.tolist()])
+        record = None
         for trainer in ("fp32", "bf16-mixed"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer == "bf16-mixed"):
+            bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer == "bf16-mixed")
+            if record is None or kind == "hf":  # the HF engine generates inside the trainer's autocast
+                with bf16:
+                    record = stage.record(prompts, engine.generate(prompts, sampling, seed=0))
+            rows = torch.arange(record.rollouts.completion_ids.shape[0])
+            has_image = torch.tensor([bool(prompts[g].images) for g in record.group_index.tolist()])
+            with bf16:
                 logp, _ = stage.policy_logprobs(record, rows, with_grad=False, with_entropy=False)
             metrics = mismatch_metrics(logp.float(), record.rollouts.logprobs,
                                        record.rollouts.completion_mask.bool(), has_image)

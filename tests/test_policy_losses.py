@@ -182,7 +182,8 @@ def test_tis_clips_mis_masks_and_the_metrics_report_the_injected_gap():
 
 def test_auto_correction_follows_the_engine_and_precision():
     auto = RolloutCorrection()
-    assert auto.resolve("hf", "float32", "bfloat16") == "off"
+    assert auto.resolve("hf", "float32", "float32") == "off"
+    assert auto.resolve("hf", "float32", "bfloat16") == "tis"  # bf16 autocast: cached generate ≠ full forward
     assert auto.resolve("vllm", "float32", "float32") == "off"
     assert auto.resolve("vllm", "bfloat16", "float32") == "tis"
     assert auto.resolve("vllm", "float32", "bfloat16") == "tis"

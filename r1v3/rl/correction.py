@@ -32,8 +32,9 @@ class RolloutCorrection:
     """Importance weights between the rollout engine's sampling log-probs and the trainer's.
 
     Args:
-        mode: ``auto`` picks from the measured gap: off where engine and trainer compute the same
-            numbers (the HF engine; vLLM and policy both float32), ``tis`` otherwise (a bf16 side);
+        mode: ``auto`` picks from the measured gap: off where both sides compute in float32 (the
+            HF engine under a float32 policy; vLLM and policy both float32), ``tis`` where either
+            runs bf16 (the HF engine's cached generation then differs from the full forward too);
             or ``off``, ``tis``, ``mis``, ``tis+mis`` explicitly.
         tis_cap: C, the largest token weight (Yao et al. use 2).
         mis_bounds: (lo, hi): sequences whose ratio leaves this range are masked.
@@ -50,8 +51,9 @@ class RolloutCorrection:
         """The mode to run: ``auto`` resolved for this engine and these precisions."""
         if self.mode != "auto":
             return self.mode
-        same_numbers = engine == "hf" or (engine_dtype == policy_dtype == "float32")
-        return "off" if same_numbers else "tis"
+        if engine == "hf":  # generates with the policy itself, in its precision
+            engine_dtype = policy_dtype
+        return "off" if engine_dtype == policy_dtype == "float32" else "tis"
 
 
 # Lightning checkpoints keep the stage's hyperparameters; torch.load(weights_only=True) needs the class.
