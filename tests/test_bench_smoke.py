@@ -93,7 +93,8 @@ def test_loss_variants_smoke(tmp_path):
                           "--variants", "grpo", "gspo", "--workdir", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    # Lightning prints its validate table to stdout too: the figures are the JSON lines
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     runs, summary = lines[:2], lines[-1]
     assert [r["variant"] for r in runs] == ["grpo", "gspo"] and all(r["steps"] == 4 for r in runs)
     assert [s["variant"] for s in summary["variants"]] == ["grpo", "gspo"]

@@ -106,15 +106,17 @@ def test_tool_subcommands(tmp_path):
 
 
 def test_every_shipped_config_parses(capsys):
-    """Each YAML under configs/ (strategy snippets on top of a stage config, as documented) goes
+    """Each YAML under configs/ (strategy and loss-variant snippets on top of a stage config, as documented) goes
     through the CLI's parser: moved modules must not break a class_path."""
     import pytest
 
     from r1v3.cli import main
 
-    stage_configs = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "strategies")
+    stage_configs = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in ("strategies", "variants"))
     strategies = sorted((REPO / "configs" / "strategies").glob("*.yaml"))
-    runs = [[c] for c in stage_configs] + [[stage_configs[0], s] for s in strategies]
+    variants = sorted((REPO / "configs" / "variants").glob("*.yaml"))  # GRPO loss overlays
+    runs = ([[c] for c in stage_configs] + [[stage_configs[0], s] for s in strategies]
+            + [[REPO / "configs" / "demo" / "grpo.yaml", v] for v in variants])
     assert len(stage_configs) >= 10 and strategies
     for configs in runs:
         argv = ["validate" if "eval" in configs[0].parts else "fit"]
