@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from r1v3.rl.losses import LOG_RATIO_CLAMP
+from r1v3.rl.losses import log_ratio
 
 
 @dataclass
@@ -60,8 +60,8 @@ class RolloutCorrection:
 torch.serialization.add_safe_globals([RolloutCorrection])
 
 def _log_ratio(old_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> Tensor:
-    lr = torch.where(mask, old_logp.detach().float() - engine_logp.float(), torch.zeros((), device=old_logp.device))
-    return lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    """log(π_old/π_engine) per token in float32, 0 on padding, clamped as the losses clamp theirs."""
+    return log_ratio(old_logp.detach().float(), engine_logp.float(), mask)
 
 
 def correction_weights(old_logp: Tensor, engine_logp: Tensor, mask: Tensor, mode: str, tis_cap: float = 2.0,

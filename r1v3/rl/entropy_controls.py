@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from r1v3.rl.losses import token_advantages
+
 
 @dataclass
 class EntropyControl:
@@ -81,8 +83,7 @@ def token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
     token's term of the covariance that drives the entropy change (arXiv 2505.22617, eq. 11)."""
     mask = mask.bool()
     lp = logp.detach().float()
-    adv = advantages.detach().float()
-    adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(lp)
+    adv = token_advantages(advantages, lp)
     if not mask.any():
         return torch.zeros_like(lp)
     cov = (lp - lp[mask].mean()) * (adv - adv[mask].mean())

@@ -31,6 +31,13 @@ def weighted(per_token: Tensor, weights: Tensor | None) -> Tensor:
     return per_token if weights is None else per_token * weights.detach().to(per_token.dtype)
 
 
+def token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
+    """Advantages as constants of ``like``'s dtype and shape [B, T]: one per sequence ([B]) is
+    broadcast to its tokens, as GRPO does; per-token ones ([B, T]) pass through."""
+    adv = advantages.detach().to(like.dtype)
+    return (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(like)
+
+
 def log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     """log(π/π_old) per token: 0 on padding (so exp never sees garbage), clamped to ±20."""
     return _zero_padding(logp - old_logp.detach(), mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -136,10 +143,7 @@ def policy_loss(
     if logp.shape != mask.shape or old_logp.shape != mask.shape:
         raise ValueError("logp, old_logp and mask must share the shape [B, T]")
     mask = mask.bool()
-    adv = advantages.detach().to(logp.dtype)
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(-1)
-    adv = adv.expand_as(logp)
+    adv = token_advantages(advantages, logp)
     lr = log_ratio(logp, old_logp, mask)
     ratio = lr.exp()
     unclipped = ratio * adv

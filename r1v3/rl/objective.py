@@ -19,7 +19,7 @@ from torch import Tensor
 from r1v3.rl.correction import RolloutCorrection, correction_weights
 from r1v3.rl.entropy_controls import EntropyControl, clip_cov_tokens, high_entropy_tokens, kl_cov_tokens
 from r1v3.rl.entropy import masked_mean
-from r1v3.rl.losses import AggMode, aggregate, kl_penalty
+from r1v3.rl.losses import AggMode, aggregate, kl_penalty, log_ratio, token_advantages
 from r1v3.rl.policy_losses import PolicyLossName, compute_policy_loss
 
 
@@ -62,9 +62,8 @@ def micro_batch_loss(spec: LossSpec, logp: Tensor, old_logp: Tensor, engine_logp
         weights = selected.float() if weights is None else weights * selected
         stats["entropy_selected_frac"] = masked_mean(selected.float(), mask)
     if control.cov == "clip":
-        adv = advantages.detach().float()
-        adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(logp)
-        ratio = (logp.detach().float() - old_logp.float()).clamp(-20, 20).exp()
+        adv = token_advantages(advantages, logp)
+        ratio = log_ratio(logp.detach(), old_logp, mask).exp()
         clipped = ((ratio > 1 + spec.clip_eps_high) & (adv > 0)) | ((ratio < 1 - spec.clip_eps_low) & (adv < 0))
         cut = clip_cov_tokens(logp, advantages, mask, control.clip_cov_ratio, control.clip_cov_bounds, clipped,
                               generator)

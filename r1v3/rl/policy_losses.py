@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from r1v3.rl.losses import LOG_RATIO_CLAMP, AggMode, aggregate, log_ratio, policy_loss, ratio_stats, weighted
+from r1v3.rl.losses import (LOG_RATIO_CLAMP, AggMode, aggregate, log_ratio, policy_loss, ratio_stats, token_advantages,
+                            weighted)
 
 PolicyLossName = Literal["grpo", "gspo", "gspo-token", "cispo", "sapo"]
 
@@ -75,8 +76,7 @@ def gspo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     it equals GSPO in value and gradient; it differs when advantages or ``weights`` vary along a
     sequence. ``advantages`` may be [B] or [B, T]."""
     mask = mask.bool()
-    adv = advantages.detach().to(logp.dtype)
-    adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(logp)
+    adv = token_advantages(advantages, logp)
     s_seq = _sequence_log_ratio(logp, old_logp, mask).detach().exp()
     token = torch.where(mask, logp, logp.detach())  # padding: value 1 below, and no gradient
     s = s_seq[:, None] * (token - token.detach()).exp()
@@ -100,8 +100,7 @@ def cispo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
     paper does not print its value, so the default 0.28 is DAPO's clip-higher bound, the one
     Trinity-RFT's CISPO uses. ``clip_frac`` counts the tokens whose weight was truncated."""
     mask = mask.bool()
-    adv = advantages.detach().to(logp.dtype)
-    adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(logp)
+    adv = token_advantages(advantages, logp)
     lr = log_ratio(logp, old_logp, mask)
     ratio = lr.detach().exp()
     weight = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
@@ -123,8 +122,7 @@ def sapo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     1.05). The reduction is the paper's per-sequence token mean. No token is hard-clipped, so
     ``clip_frac`` is 0; ``gate_weight_mean`` is the mean w."""
     mask = mask.bool()
-    adv = advantages.detach().to(logp.dtype)
-    adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(logp)
+    adv = token_advantages(advantages, logp)
     lr = log_ratio(logp, old_logp, mask)
     ratio = lr.exp()
     tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
