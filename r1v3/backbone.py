@@ -44,6 +44,15 @@ FAMILY_GROUPS: dict[str, dict[str, list[str]]] = {
     },
 }
 FAMILY_GROUPS["qwen2_vl"] = FAMILY_GROUPS["qwen2_5_vl"]
+# Qwen3-VL's DeepStack mergers take features from inner vision layers into the first LLM layers'
+# hidden states: each is a projector from vision space to the language model's, like the final
+# merger, so connector-only tuning trains them too (docs/models.md).
+FAMILY_GROUPS["qwen3_vl"] = FAMILY_GROUPS["qwen3_vl_moe"] = {
+    "vision": ["model.visual."],
+    "connector": ["model.visual.merger.", "model.visual.deepstack_merger_list."],
+    "llm": ["model.language_model.", "lm_head."],
+}
+QWEN_VL_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
 
 TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -62,6 +71,10 @@ class LoadConfig:
         groups: Module groups as parameter-name prefixes, for families r1v3 does not know.
         gradient_checkpointing: Recompute activations in the backward pass to save memory
             (training stages).
+        router_aux_loss_coef: Mixture-of-experts models: weight of the router's load-balancing
+            loss, added to every stage's training loss and logged as ``train/router_aux_loss``.
+            ``None`` keeps the checkpoint's setting (its ``router_aux_loss_coef`` if its
+            ``output_router_logits`` is on, else off); 0 turns it off.
     """
 
     dtype: str = "float32"
@@ -69,6 +82,7 @@ class LoadConfig:
     trust_remote_code: bool = False
     groups: Mapping[str, list[str]] | None = None
     gradient_checkpointing: bool = False
+    router_aux_loss_coef: float | None = None
 
 
 # Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets
@@ -223,7 +237,7 @@ def image_features(config, images: Mapping[str, torch.Tensor]) -> int | None:
     if family == "internvl" and pixels is not None:
         side, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (vision.image_size, vision.patch_size))
         return int(pixels.shape[0] * round((side // patch) ** 2 * config.downsample_ratio ** 2))
-    if family in ("qwen2_5_vl", "qwen2_vl") and grid is not None:
+    if family in QWEN_VL_FAMILIES and grid is not None:
         return int(grid.prod(-1).sum()) // vision.spatial_merge_size ** 2
     if family == "llava" and pixels is not None:
         cls = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
@@ -237,7 +251,7 @@ def image_token_check(config):
     disagree (a processor config's ``image_seq_length``, patch size or merge size that is not the
     model's), which transformers reports only deep in a forward pass."""
     token = getattr(config, "image_token_id", None)
-    if token is None or detect_family(config) not in ("internvl", "qwen2_5_vl", "qwen2_vl", "llava"):
+    if token is None or detect_family(config) not in ("internvl", "llava", *QWEN_VL_FAMILIES):
         return None
 
     def check(input_ids: torch.Tensor, images: Mapping[str, torch.Tensor]) -> tuple[int, int | None]:

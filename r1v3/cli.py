@@ -20,6 +20,7 @@ TOOLS = {
     "demo": ("r1v3.tools.demo", "demo_main", "the embedded CPU demo: tiny model, synthetic data, SFT + control, GRPO"),
     "ablate": ("r1v3.tools.ablations", "ablate_main", "the paper's ablations in miniature, with verdicts"),
     "rejection-sample": ("r1v3.tools.rejection", "rejection_main", "build SFT shards from verified samples of a model"),
+    "shapes": ("r1v3.tools.shapes", "shapes_main", "parameters per module group and FSDP units, on the meta device"),
     "report": ("r1v3.tools.report", "report_main", "plot a run's curves (PNG) and write a markdown summary"),
 }
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -30,7 +30,7 @@ def family_of(processor) -> str:
     """A guess from the processor's class name, for a processor met without its model; the stages
     use the model config's ``model_type`` instead (``PromptEncoder.family``)."""
     name = type(processor).__name__.lower()
-    for family in ("internvl", "qwen2_5_vl", "qwen2vl", "llava"):
+    for family in ("internvl", "qwen3_vl", "qwen2_5_vl", "qwen2vl", "llava"):
         if family.replace("_", "") in name.replace("_", ""):
             return family
     return "other"
@@ -49,7 +49,7 @@ def image_kwargs(family: str, min_pixels: int | None, max_pixels: int | None,
         if max_tiles > 1:
             return {"crop_to_patches": True, "max_patches": max_tiles}
         return {"crop_to_patches": False}
-    if family in ("qwen2_5_vl", "qwen2_vl", "qwen2vl"):  # dynamic resolution between two pixel bounds
+    if family in ("qwen2_5_vl", "qwen2_vl", "qwen2vl", "qwen3_vl", "qwen3_vl_moe"):  # dynamic resolution between two pixel bounds
         size = dict(getattr(image_processor, "size", None) or {})
         if min_pixels:
             size["shortest_edge"] = min_pixels

@@ -158,7 +158,7 @@ class FSDP1Strategy(FSDPStrategy):
 
         hf_model = getattr(self.lightning_module, "model", None)
         if hf_model is not None and "auto_wrap_policy" not in self.kwargs:
-            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(block_classes(hf_model))
+            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy({type(m) for _, m in sharding_units(hf_model)})
         if hf_model is not None and self.checkpoint_blocks:
             enable_activation_checkpointing(hf_model)
         return super()._setup_model(model)
@@ -185,9 +185,23 @@ def block_classes(model: torch.nn.Module) -> set[type]:
     return classes
 
 
+def sharding_units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The modules that each become one FSDP unit (an all-gather in forward, a reduce-scatter in
+    backward), in module order; the root takes what they leave. Each transformer block is one, and
+    in a mixture-of-experts model so is each block's sparse MoE layer (router + experts). That
+    layer holds almost all of a block's parameters (Qwen3-VL-30B-A3B: 604M of 623M, ``r1v3
+    shapes``); as its own unit, its all-gather is prefetched while attention computes instead of
+    delaying it, and it is the unit an expert-parallel layout would place apart (docs/models.md)."""
+    from r1v3.moe import is_expert_block
+
+    classes = block_classes(model)
+    return [(name, m) for name, m in model.named_modules() if type(m) in classes or is_expert_block(m)]
+
+
 def shard_backbone(model: torch.nn.Module, mesh, *, mixed_precision: str = "none", cpu_offload: bool = False,
                    reshard_after_forward: bool = True) -> torch.nn.Module:
-    """``fully_shard`` each block (decoder layer, vision block), then the root, over the 1-D ``mesh``.
+    """``fully_shard`` each unit (decoder layer, vision block, MoE layer), then the root, over the 1-D
+    ``mesh``.
 
     Sharding is bottom-up: a ``fully_shard`` call takes the parameters not yet claimed by a call on
     a submodule (torch docs of ``fully_shard``), so the root unit holds embeddings, norms, the
@@ -201,11 +215,9 @@ def shard_backbone(model: torch.nn.Module, mesh, *, mixed_precision: str = "none
             log.info("cpu_offload is a no-op for a run on CPU")
         else:
             offload = CPUOffloadPolicy()
-    classes = block_classes(model)
-    blocks = [m for m in model.modules() if type(m) in classes]
-    for block in reversed(blocks):  # post-order: a block nested in another is claimed first
-        if any(True for _ in block.parameters()) and not isinstance(block, FSDPModule):
-            fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
+    for _, unit in reversed(sharding_units(model)):  # post-order: a unit nested in another is claimed first
+        if any(True for _ in unit.parameters()) and not isinstance(unit, FSDPModule):
+            fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload,
                         reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
     if hasattr(model, "_supports_mm_encoder_outputs"):

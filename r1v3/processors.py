@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from transformers import InternVLProcessor, Qwen2_5_VLProcessor
+from transformers import InternVLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
 from r1v3.errors import BackboneError
 
@@ -45,8 +45,19 @@ class Qwen2_5_VLProcessorNoVideo(Qwen2_5_VLProcessor):
         return super().to_dict() | {"processor_class": "Qwen2_5_VLProcessor"}
 
 
+class Qwen3VLProcessorNoVideo(Qwen3VLProcessor):
+    """Qwen3-VL's processor without its video processor (see InternVLProcessorNoVideo)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def to_dict(self):
+        return super().to_dict() | {"processor_class": "Qwen3VLProcessor"}
+
+
 _NO_VIDEO = {"InternVLProcessor": InternVLProcessorNoVideo,
-             "Qwen2_5_VLProcessor": Qwen2_5_VLProcessorNoVideo}
+             "Qwen2_5_VLProcessor": Qwen2_5_VLProcessorNoVideo,
+             "Qwen3VLProcessor": Qwen3VLProcessorNoVideo}
 
 
 def check_model_path(path: str | Path) -> None:
@@ -59,7 +70,8 @@ def check_model_path(path: str | Path) -> None:
 # Processors that insist on a video half, and the video processor type a minimal
 # video_preprocessor_config.json names: where torchvision exists (vLLM's environment) the processor
 # loads from that file alone, and writing it needs no torchvision.
-VIDEO_PROCESSOR = {"InternVLProcessor": "InternVLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor"}
+VIDEO_PROCESSOR = {"InternVLProcessor": "InternVLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
+                   "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}
 VIDEO_FILE = "video_preprocessor_config.json"
 
 
@@ -93,7 +105,8 @@ def needs_video_file(path: str | Path) -> str | None:
 
 # The processor class of each family r1v3 knows, by the model config's model_type.
 _FAMILY_PROCESSOR = {"internvl": "InternVLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                     "qwen2_vl": "Qwen2VLProcessor", "llava": "LlavaProcessor"}
+                     "qwen2_vl": "Qwen2VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
+                     "qwen3_vl_moe": "Qwen3VLProcessor", "llava": "LlavaProcessor"}
 
 
 def model_type(path: str | Path) -> str | None:

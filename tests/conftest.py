@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-FAMILIES = ("internvl", "qwen2_5_vl", "llava")
+FAMILIES = ("internvl", "internvl3_5", "internvl3_5_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from r1v3.rl import prefix
 from r1v3.rl.losses import policy_loss
 from r1v3.rl.rollout import HFGenerateEngine, Prompt, SamplingConfig
 
-FAMILIES = ("internvl", "qwen2_5_vl", "llava")
+FAMILIES = ("internvl", "internvl3_5", "internvl3_5_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava")
 REAL = ("internvl_tiled", "qwen2_5_vl_dynamic")  # conftest.real_dirs
 # Tolerances fixed before the first run: fp32 reorders sums only; bf16 rounds every matmul input
 # to 8 bits of mantissa on both sides, in a different batch layout.
@@ -55,8 +55,14 @@ def loss_and_grads(model, logits, ids, mask, advantages):
     return logp.detach() * mask, loss.detach(), grads
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("family", FAMILIES + REAL)
+# MoE under bf16: rounding that differs between the two batch layouts can flip a token's top-k
+# experts, a discrete jump no tolerance bounds; exactness is asserted in fp32 only (docs/models.md).
+MOE_BF16 = pytest.mark.skip(reason="top-k routing can flip under bf16 rounding; MoE exactness is bounded in fp32")
+
+
+@pytest.mark.parametrize("family, precision", [
+    pytest.param(f, p, marks=MOE_BF16 if p == "bf16" and f.endswith("_moe") else ())
+    for f in FAMILIES + REAL for p in ("fp32", "bf16")])
 def test_shared_prompt_pass_matches_per_row(model_dirs, synth_dir, family, precision):
     backbone, encoder, prompts = load(model_dirs, synth_dir, family)
     model, G, T = backbone.model.train(), 3, 9

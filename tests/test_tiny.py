@@ -59,4 +59,4 @@ def test_real_setting_presets(real_dirs, capsys):
     assert qwen.size["longest_edge"] > qwen.size["shortest_edge"], "a range of resolutions, not one"
     with pytest.raises(SystemExit):
         tiny.tiny_main(["--family", "qwen2_5_vl", "--tiles", "4", "--out", "x"])
-    assert "--tiles is for --family internvl" in capsys.readouterr().err
+    assert "--tiles is for the InternVL families" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from r1v3 import backbone as bb
 from r1v3 import fsdp, processors
 from r1v3.encoding import PromptEncoder
 from r1v3.logprobs import gather_logprobs
+from r1v3.moe import RouterAuxLoss
 from r1v3.rl.rollout import own_generation_config
 from r1v3.stages.in_backward import OptimizerInBackward
 
@@ -109,6 +110,7 @@ class R1V3Module(LightningModule):
         self.processor = bb.load_processor(model_path, self.load_config.trust_remote_code)
         self.family = processors.model_type(model_path)  # picks the image settings (r1v3.encoding.image_kwargs)
         self.backbone: bb.Backbone | None = None
+        self.router_aux: RouterAuxLoss | None = None
         self.model: torch.nn.Module | None = None
         self._skipped: Counter = Counter()
         self._step_started: float | None = None
@@ -128,6 +130,9 @@ class R1V3Module(LightningModule):
         counts = bb.apply_freeze_plan(self.backbone, self.trainable)
         for group, c in counts.items():
             rank_zero_info(f"[r1v3] {group:<9} trainable {c['trainable']:>12,} / {c['total']:>12,} params")
+        self.router_aux = RouterAuxLoss(self.model, load.router_aux_loss_coef)
+        if self.router_aux.coef:
+            rank_zero_info(f"[r1v3] router load-balancing loss on, coefficient {self.router_aux.coef:g}")
         if load.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.23
@@ -136,6 +141,11 @@ class R1V3Module(LightningModule):
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.model.config.use_cache = False
         fsdp.configure_sharding(self)  # FSDP2 when the trainer's strategy is a ModelParallelStrategy
+
+    def router_aux_loss(self) -> torch.Tensor | None:
+        """The weighted router load-balancing loss of the training forwards since the last call
+        (mixture-of-experts models with the loss on), else None."""
+        return self.router_aux.pop() if self.router_aux is not None else None
 
     @property
     def tokenizer(self):

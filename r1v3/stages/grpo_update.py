@@ -52,8 +52,9 @@ class PolicyUpdate:
                     t0 = time.perf_counter()
                     logp, entropy = self.policy_logprobs(step, micro, with_grad=True, entropy_grad=alpha > 0)
                     t_forward += time.perf_counter() - t0
+                    router = self.router_aux_loss()
                     if not real:  # zero weight: its backward only joins the other ranks' collectives
-                        self.manual_backward(logp.sum() * 0.0)
+                        self.manual_backward(logp.sum() * 0.0 + (router * 0.0 if router is not None else 0.0))
                         padded += 1
                         continue
                     mask = step.loss_mask[micro]
@@ -62,6 +63,8 @@ class PolicyUpdate:
                     loss, st = micro_batch_loss(
                         spec, logp, old, step.rollouts.logprobs[micro], step.advantages[micro], mask, entropy, alpha,
                         step.ref_logprobs[micro] if step.ref_logprobs is not None else None, draws)
+                    if router is not None:
+                        loss, st["router_aux_loss"] = loss + router, router.detach()
                     share = micro_batch_share(mask, step.loss_mask[mb], hp.loss_agg)
                     t0 = time.perf_counter()
                     self.manual_backward(loss * share)

@@ -98,11 +98,15 @@ class SFTStage(R1V3Module):
         if not self.all_ranks(batch.get("inputs") is not None):  # every sample of a batch was bad
             return None
         loss = self.supervised_loss(batch)
+        n = batch["inputs"]["input_ids"].shape[0]
+        router = self.router_aux_loss()
+        if router is not None:
+            self.log("train/router_aux_loss", router.detach(), batch_size=n)
+            loss = loss + router
         if not self.all_ranks(bool(torch.isfinite(loss))):
             if not torch.isfinite(loss):
                 self.skip_nonfinite("loss")
             return None
-        n = batch["inputs"]["input_ids"].shape[0]
         self._micro_tokens = target_tokens(batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)

@@ -14,6 +14,12 @@ Options that give a preset the settings of released checkpoints, which the defau
 ``tiles`` (InternVL's tiling: up to that many crops of the image plus a thumbnail), ``dynamic``
 (Qwen2.5-VL's dynamic resolution: the token count follows the image's size), ``vocab`` (a
 tokenizer of real size, ~150k entries) and ``tied`` (one matrix for input and output embeddings).
+
+The current families build with their released image settings from the start: ``qwen3_vl`` and
+``qwen3_vl_moe`` (Qwen3-VL: 16-px patches, dynamic resolution, DeepStack mergers, interleaved
+multimodal RoPE) and ``internvl3_5``/``internvl3_5_moe`` (InternVL3.5: transformers' ``internvl``
+over a Qwen3 or Qwen3-MoE language model, tiling up to 12 crops). The MoE presets have 4 experts,
+2 active per token.
 """
 
 from __future__ import annotations
@@ -27,10 +33,20 @@ from typing import Sequence
 
 import torch
 
-from r1v3.processors import InternVLProcessorNoVideo, Qwen2_5_VLProcessorNoVideo, save_processor
+from r1v3.processors import (InternVLProcessorNoVideo, Qwen2_5_VLProcessorNoVideo, Qwen3VLProcessorNoVideo,
+                             save_processor)
 
-FAMILIES = ("internvl", "qwen2_5_vl", "llava")
+FAMILIES = ("internvl", "internvl3_5", "internvl3_5_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava")
+# The transformers model_type each preset family saves (InternVL3.5 is an ``internvl`` checkpoint).
+MODEL_TYPE = {"internvl3_5": "internvl", "internvl3_5_moe": "internvl"}
+# What the released checkpoints of a family do with images, unless the caller says otherwise.
+DEFAULT_TILES = {"internvl3_5": 12, "internvl3_5_moe": 12}
+DYNAMIC_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN3_VL = ("qwen3_vl", "qwen3_vl_moe")
+# A tiny mixture of experts: 4 experts, 2 active per token, every layer sparse.
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True)
 SIZES = ("tiny", "small", "medium")
+QWEN3_PATCH = 16  # Qwen3-VL's released patch size, at every preset size
 
 # Chat markers shared by every tiny family (ChatML, as Qwen2 and InternVL3 use).
 BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -50,6 +66,9 @@ FAMILY_TOKENS = {
                    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     "llava": {"image_token": "<image>"},
 }
+for _family, _like in (("internvl3_5", "internvl"), ("internvl3_5_moe", "internvl"), ("qwen3_vl", "qwen2_5_vl"),
+                       ("qwen3_vl_moe", "qwen2_5_vl")):
+    IMAGE_PLACEHOLDER[_family], FAMILY_TOKENS[_family] = IMAGE_PLACEHOLDER[_like], FAMILY_TOKENS[_like]
 
 
 def chat_template(family: str) -> str:
@@ -164,7 +183,7 @@ def _grow_vocabulary(bpe, vocab_size: int):
 
 def build_processor(family: str, tokenizer, preset: Preset, tiles: int = 1, dynamic: bool = False):
     template = chat_template(family)
-    if family == "internvl":
+    if family.startswith("internvl"):
         from transformers import GotOcr2ImageProcessorPil
 
         # tiles > 1: InternVL's own setting (crop_to_patches, up to max_patches crops + a thumbnail).
@@ -177,21 +196,25 @@ def build_processor(family: str, tokenizer, preset: Preset, tiles: int = 1, dyna
             image_processor=image_processor, tokenizer=tokenizer,
             image_seq_length=tokens_per_image, chat_template=template,
         )
-    if family == "qwen2_5_vl":
+    if family in DYNAMIC_FAMILIES:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+        qwen3 = family in QWEN3_VL
+        patch = QWEN3_PATCH if qwen3 else preset.patch
         pixels = preset.image_size * preset.image_size
-        # dynamic: the token count follows the image's size between Qwen's bounds (one merged
-        # 2x2 patch at least, four preset-size images' worth at most); else one fixed resolution.
-        unit = (2 * preset.patch) ** 2
+        # dynamic: the token count follows the image's size between Qwen's bounds (four merged
+        # 2x2 patches at least, four preset-size images' worth at most); else one fixed resolution.
+        unit = (2 * patch) ** 2
         bounds = {"shortest_edge": unit * 4, "longest_edge": pixels * 4} if dynamic else {
             "shortest_edge": pixels, "longest_edge": pixels}
+        # Qwen3-VL normalises with mean = std = 0.5 (its released preprocessor config); Qwen2.5-VL
+        # with CLIP's statistics, the image processor's default.
+        norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if qwen3 else {}
         image_processor = Qwen2VLImageProcessorPil(
-            patch_size=preset.patch, merge_size=2, temporal_patch_size=2, size=bounds,
+            patch_size=patch, merge_size=2, temporal_patch_size=2, size=bounds, **norm,
         )
-        return Qwen2_5_VLProcessorNoVideo(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
-        )
+        processor_class = Qwen3VLProcessorNoVideo if qwen3 else Qwen2_5_VLProcessorNoVideo
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
     if family == "llava":
         from transformers import LlavaImageProcessorPil, LlavaProcessor
 
@@ -218,8 +241,8 @@ def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
         tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    if family == "internvl":
-        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+    if family.startswith("internvl"):
+        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
         vision = InternVLVisionConfig(
             hidden_size=preset.vision_hidden, num_hidden_layers=preset.vision_layers,
@@ -227,8 +250,13 @@ def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
             patch_size=[preset.patch, preset.patch], image_size=[preset.image_size, preset.image_size],
             use_mask_token=False, use_absolute_position_embeddings=True,
         )
+        head_dim = preset.text_hidden // preset.text_heads
+        moe = dict(TINY_MOE, moe_intermediate_size=preset.text_intermediate // 4)
+        text_config = {"internvl": lambda: Qwen2Config(**text),
+                       "internvl3_5": lambda: Qwen3Config(**text, head_dim=head_dim),
+                       "internvl3_5_moe": lambda: Qwen3MoeConfig(**text, **moe, head_dim=head_dim)}[family]()
         return InternVLConfig(
-            vision_config=vision, text_config=Qwen2Config(**text),
+            vision_config=vision, text_config=text_config,
             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
             image_seq_length=(preset.image_size // preset.patch) ** 2 // 4,
             downsample_ratio=0.5, tie_word_embeddings=tied,
@@ -257,6 +285,37 @@ def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
             vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
             tie_word_embeddings=tied,
         )
+    if family in QWEN3_VL:
+        from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+        head_dim = preset.text_hidden // preset.text_heads
+        # Interleaved multimodal RoPE over head_dim / 2 frequencies, split t/h/w as Qwen3-VL's
+        # released [24, 20, 20] for head_dim 128.
+        spatial = 5 * head_dim // 32
+        text_cfg = dict(text, head_dim=head_dim, rope_parameters={
+            "rope_type": "default", "rope_theta": 5_000_000.0, "mrope_interleaved": True,
+            "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial]})
+        if family == "qwen3_vl_moe":
+            text_cfg |= dict(TINY_MOE, moe_intermediate_size=preset.text_intermediate // 4)
+        grid = preset.image_size // QWEN3_PATCH
+        vision = dict(
+            depth=preset.vision_layers, hidden_size=preset.vision_hidden,
+            intermediate_size=preset.vision_intermediate, num_heads=preset.vision_heads,
+            patch_size=QWEN3_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+            out_hidden_size=preset.text_hidden, num_position_embeddings=grid * grid,
+            # DeepStack: features of these vision layers feed the first LLM layers, one merger each
+            # (the 8B checkpoint taps layers 8, 16 and 24 of 27).
+            deepstack_visual_indexes=list(range(min(preset.vision_layers, preset.text_layers))),
+        )
+        config_class = Qwen3VLMoeConfig if family == "qwen3_vl_moe" else Qwen3VLConfig
+        return config_class(
+            text_config=text_cfg, vision_config=vision,
+            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+            tie_word_embeddings=tied,
+        )
     if family == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -276,12 +335,13 @@ def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
 
 
 def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
-               corpus: Sequence[str] | None = None, tied: bool = False, tiles: int = 1,
-               dynamic: bool = False, vocab: int | None = None) -> Path:
+               corpus: Sequence[str] | None = None, tied: bool = False, tiles: int | None = None,
+               dynamic: bool | None = None, vocab: int | None = None) -> Path:
     """Build a random ``family`` model of preset ``size`` and save model + processor to ``out``.
 
-    ``tied`` shares the input and output embeddings; ``tiles`` > 1 turns on InternVL's tiling;
-    ``dynamic`` gives Qwen2.5-VL dynamic resolution; ``vocab`` sets the tokenizer's size."""
+    ``tied`` shares the input and output embeddings; ``tiles`` > 1 turns on InternVL's tiling
+    (InternVL3.5 presets: 12, as released); ``dynamic`` gives Qwen2.5-VL dynamic resolution
+    (Qwen3-VL presets: always on, as released); ``vocab`` sets the tokenizer's size."""
     from transformers import AutoModelForImageTextToText
 
     if family not in FAMILIES:
@@ -291,8 +351,10 @@ def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
     preset = PRESETS[size]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if tiles > 1 and family != "internvl" or dynamic and family != "qwen2_5_vl":
-        raise ValueError("tiles is InternVL's setting and dynamic Qwen2.5-VL's")
+    if (tiles or 1) > 1 and not family.startswith("internvl") or dynamic and family not in DYNAMIC_FAMILIES:
+        raise ValueError("tiles is InternVL's setting and dynamic Qwen-VL's")
+    tiles = DEFAULT_TILES.get(family, 1) if tiles is None else tiles
+    dynamic = family in QWEN3_VL if dynamic is None else dynamic
     tokenizer = build_tokenizer(family, corpus or _fallback_corpus(), vocab or preset.vocab_size)
     processor = build_processor(family, tokenizer, preset, tiles, dynamic)
     config = build_config(family, preset, tokenizer, tied)
@@ -335,14 +397,17 @@ def tiny_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tied", action="store_true", help="share the input and output embeddings")
-    parser.add_argument("--tiles", type=int, default=1,
-                        help="InternVL: tile images into up to this many crops plus a thumbnail")
-    parser.add_argument("--dynamic", action="store_true",
-                        help="Qwen2.5-VL: dynamic resolution (the token count follows the image size)")
+    parser.add_argument("--tiles", type=int, default=None, help=(
+        "InternVL: tile images into up to this many crops plus a thumbnail (default: 12 for InternVL3.5 "
+        "as released, else 1)"))
+    parser.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=None, help=(
+        "Qwen-VL: dynamic resolution, the token count follows the image size (default: on for Qwen3-VL "
+        "as released, else off)"))
     parser.add_argument("--vocab", type=int, default=None, help="tokenizer size, e.g. 151000 as in Qwen2.5")
     args = parser.parse_args(argv)
-    if args.tiles > 1 and args.family != "internvl" or args.dynamic and args.family != "qwen2_5_vl":
-        parser.error("--tiles is for --family internvl and --dynamic for --family qwen2_5_vl")
+    if (args.tiles or 1) > 1 and not args.family.startswith("internvl") or (
+            args.dynamic and args.family not in DYNAMIC_FAMILIES):
+        parser.error("--tiles is for the InternVL families and --dynamic for the Qwen-VL ones")
     out = build_tiny(args.family, args.out, size=args.size, seed=args.seed, tied=args.tied, tiles=args.tiles,
                      dynamic=args.dynamic, vocab=args.vocab)
     print(json.dumps(json.loads((out / "r1v3_tiny.json").read_text()) | {"out": str(out)}))
