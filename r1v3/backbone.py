@@ -54,6 +54,11 @@ FAMILY_GROUPS["qwen3_vl"] = FAMILY_GROUPS["qwen3_vl_moe"] = {
 }
 QWEN_VL_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
 
+# Families transformers has that r1v3 refuses up front, with why (docs/models.md).
+_HYBRID = ("its hybrid layers keep a linear-attention state, not the per-token key/value cache that "
+           "r1v3's shared prompt pass repeats per completion; see docs/models.md")
+UNSUPPORTED = {"qwen3_5": _HYBRID, "qwen3_5_moe": _HYBRID}
+
 TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -211,6 +216,8 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
     except (OSError, ValueError) as err:
         raise BackboneError(f"cannot read a model config from {path}: {str(err).splitlines()[0]}") from None
     family = detect_family(config)
+    if family in UNSUPPORTED:
+        raise BackboneError(f"{path}: {family} is not supported: {UNSUPPORTED[family]}")
     resolved_groups = resolve_groups(family, groups)
     if device == "cpu" and not torch.cuda.is_available():
         # transformers' own switch: grouped-query attention goes to SDPA with enable_gqa instead of

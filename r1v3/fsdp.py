@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from r1v3.errors import BackboneError
+from r1v3.moe import write_released_layout
 from r1v3.processors import save_processor
 from r1v3.distributed import is_sharded, max_over_ranks, synced_generate, world_size  # noqa: F401
 
@@ -328,6 +329,7 @@ def export_sharded(module, out: Path) -> Path:
                  if k.startswith("model.")}
     if torch.distributed.get_rank() == 0:
         model.save_pretrained(out, state_dict=state)
+        write_released_layout(out)
         save_processor(module.processor, out)
     torch.distributed.barrier()
     return out

@@ -70,3 +70,58 @@ class RouterAuxLoss:
         from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
         return self.coef * load_balancing_loss_func(logits, self.num_experts, self.top_k)
+
+
+# Families whose released checkpoints store fused experts as [experts, in, out] (x @ W), the
+# transpose of transformers' in-memory [experts, out, in]: transformers transposes on load (when the
+# shapes tell which way round) but saves its own layout, which vLLM's loaders then misread.
+FUSED_TRANSPOSED = ("qwen3_vl_moe",)
+FUSED_EXPERTS = (".experts.gate_up_proj", ".experts.down_proj")
+
+
+def released_expert_tensors(name: str, tensor: torch.Tensor, family: str):
+    """One in-memory expert tensor as released checkpoints of ``family`` store it, which is what
+    vLLM's loaders read: transposed for Qwen3-VL-MoE, else one tensor per expert and projection
+    (Qwen3-MoE under InternVL3.5; gate before up, as transformers fuses them). Other tensors pass."""
+    if not name.endswith(FUSED_EXPERTS) or tensor.dim() != 3:
+        yield name, tensor
+    elif family in FUSED_TRANSPOSED:
+        yield name, tensor.transpose(1, 2).contiguous()
+    else:
+        base, kind = name.rsplit(".", 1)
+        for expert, weight in enumerate(tensor):
+            if kind == "gate_up_proj":
+                gate, up = weight.chunk(2, 0)
+                yield f"{base}.{expert}.gate_proj.weight", gate
+                yield f"{base}.{expert}.up_proj.weight", up
+            else:
+                yield f"{base}.{expert}.down_proj.weight", weight
+
+
+def write_released_layout(out) -> int:
+    """After ``save_pretrained``: rewrite a Qwen3-VL-MoE export's fused experts in the released
+    layout, so vLLM (and any tool that reads the released checkpoints) loads it. Returns how many
+    tensors changed; transformers reads both layouts back."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text())
+    if config.get("model_type") not in FUSED_TRANSPOSED:
+        return 0
+    text = config.get("text_config", config)
+    in_memory = {"gate_up_proj": (2 * text["moe_intermediate_size"], text["hidden_size"]),
+                 "down_proj": (text["hidden_size"], text["moe_intermediate_size"])}
+    changed = 0
+    for path in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        for name, tensor in tensors.items():
+            kind = name.rsplit(".", 1)[-1]
+            if name.endswith(FUSED_EXPERTS) and tuple(tensor.shape[1:]) == in_memory[kind]:
+                tensors[name] = tensor.transpose(1, 2).contiguous()
+                changed += 1
+        if changed:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+    return changed

@@ -92,3 +92,10 @@ def test_router_loss_follows_the_checkpoint_unless_set(tiny_dirs, synth_dir):
     with torch.no_grad():
         model(input_ids=ids)
     assert on.pop() is None, "no-grad forwards (rollouts, old log-probs) add nothing"
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_is_refused_with_the_reason(tmp_path, model_type):
+    (tmp_path / "config.json").write_text('{"model_type": "%s"}' % model_type)
+    with pytest.raises(bb.BackboneError, match="not supported: its hybrid layers keep a linear-attention state"):
+        bb.load_backbone(tmp_path)

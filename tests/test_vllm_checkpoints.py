@@ -19,13 +19,22 @@ def varied_prompts(processor, sizes=((128, 64), (192, 192), (64, 64))):
                    [Image.new("RGB", size, colour)]) for size, colour in zip(sizes, ("red", "blue", "green"))]
 
 
-@pytest.mark.parametrize("preset", ["internvl_tiled", "qwen2_5_vl_dynamic"])
-def test_greedy_parity_and_agreement_with_real_image_settings(real_dirs, preset):
+@pytest.fixture(scope="module")
+def preset_dirs(tiny_dirs, real_dirs):
+    return tiny_dirs | real_dirs
+
+
+# The current families build with their released image settings (r1v3.tools.tiny): Qwen3-VL dense
+# and MoE, InternVL3.5 over Qwen3 and Qwen3-MoE.
+@pytest.mark.parametrize("preset", ["internvl_tiled", "qwen2_5_vl_dynamic", "qwen3_vl", "qwen3_vl_moe", "internvl3_5",
+                                    "internvl3_5_moe"])
+def test_greedy_parity_and_agreement_with_real_image_settings(preset_dirs, preset):
     from r1v3 import backbone as bb
     from r1v3.rl.engines import build_engine, check_engine_agreement
     from r1v3.rl.vllm_engine import VLLMConfig
     from r1v3.stages.grpo import GRPOStage
 
+    real_dirs = preset_dirs
     stage = GRPOStage(str(real_dirs[preset]))
     stage.setup("fit")
     stage.configure_model()

@@ -29,7 +29,7 @@ def build_engine(kind: Literal["hf", "vllm"], *, model_dir: str, model: torch.nn
         from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine, vllm_name_mapper
 
         return VLLMEngine(model_dir, vllm_config or VLLMConfig(), seed=seed, rename=vllm_name_mapper(family),
-                          group_of=group_of, suppress_tokens=suppress_tokens,
+                          family=family, group_of=group_of, suppress_tokens=suppress_tokens,
                           mm_processor_kwargs=getattr(encoder, "image_kwargs", None))
     return HFGenerateEngine(model, encoder, tokenizer, max_batch_rows=max_batch_rows, suppress_tokens=suppress_tokens)
 

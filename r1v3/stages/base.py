@@ -23,7 +23,7 @@ from r1v3 import backbone as bb
 from r1v3 import fsdp, processors
 from r1v3.encoding import PromptEncoder
 from r1v3.logprobs import gather_logprobs
-from r1v3.moe import RouterAuxLoss
+from r1v3.moe import RouterAuxLoss, write_released_layout
 from r1v3.rl.rollout import own_generation_config
 from r1v3.stages.in_backward import OptimizerInBackward
 
@@ -350,6 +350,7 @@ class R1V3Module(LightningModule):
         if fsdp.is_sharded(self.model):  # a collective: every rank gathers, rank 0 writes
             return fsdp.export_sharded(self, out)
         self.model.save_pretrained(out)
+        write_released_layout(out)
         processors.save_processor(self.processor, out)
         return out
 

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from r1v3.moe import write_released_layout
 from r1v3.processors import (InternVLProcessorNoVideo, Qwen2_5_VLProcessorNoVideo, Qwen3VLProcessorNoVideo,
                              save_processor)
 
@@ -43,7 +44,9 @@ MODEL_TYPE = {"internvl3_5": "internvl", "internvl3_5_moe": "internvl"}
 DEFAULT_TILES = {"internvl3_5": 12, "internvl3_5_moe": 12}
 DYNAMIC_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 QWEN3_VL = ("qwen3_vl", "qwen3_vl_moe")
-# A tiny mixture of experts: 4 experts, 2 active per token, every layer sparse.
+# A tiny mixture of experts: 4 experts, 2 active per token, every layer sparse. Each expert's width
+# is 1/8 of the dense MLP's, so the fused gate/up matrix is never square: transformers tells a
+# released Qwen3-VL-MoE checkpoint's transposed layout from its own by shape alone.
 TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True)
 SIZES = ("tiny", "small", "medium")
 QWEN3_PATCH = 16  # Qwen3-VL's released patch size, at every preset size
@@ -251,7 +254,7 @@ def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
             use_mask_token=False, use_absolute_position_embeddings=True,
         )
         head_dim = preset.text_hidden // preset.text_heads
-        moe = dict(TINY_MOE, moe_intermediate_size=preset.text_intermediate // 4)
+        moe = dict(TINY_MOE, moe_intermediate_size=preset.text_intermediate // 8)
         text_config = {"internvl": lambda: Qwen2Config(**text),
                        "internvl3_5": lambda: Qwen3Config(**text, head_dim=head_dim),
                        "internvl3_5_moe": lambda: Qwen3MoeConfig(**text, **moe, head_dim=head_dim)}[family]()
@@ -296,7 +299,7 @@ def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
             "rope_type": "default", "rope_theta": 5_000_000.0, "mrope_interleaved": True,
             "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial]})
         if family == "qwen3_vl_moe":
-            text_cfg |= dict(TINY_MOE, moe_intermediate_size=preset.text_intermediate // 4)
+            text_cfg |= dict(TINY_MOE, moe_intermediate_size=preset.text_intermediate // 8)
         grid = preset.image_size // QWEN3_PATCH
         vision = dict(
             depth=preset.vision_layers, hidden_size=preset.vision_hidden,
@@ -365,6 +368,7 @@ def build_tiny(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
     generation.pad_token_id = tokenizer.pad_token_id
     generation.bos_token_id = tokenizer.bos_token_id
     model.save_pretrained(out)
+    write_released_layout(out)  # Qwen3-VL-MoE: fused experts as the released checkpoints store them
     save_processor(processor, out)  # with the video-processor file vLLM's environment needs
     if family == "llava":
         _nest_clip_tower(out / "model.safetensors")
