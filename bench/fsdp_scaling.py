@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from r1v3.tools.tiny import FAMILIES
 
 
 class Probe(Callback):
@@ -105,7 +106,7 @@ def run(procs: int, threads: int, args, work: Path) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="internvl", choices=("internvl", "qwen2_5_vl", "llava"))
+    parser.add_argument("--family", default="internvl", choices=FAMILIES)
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)

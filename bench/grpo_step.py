@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from child import run_setting
+from r1v3.tools.tiny import FAMILIES
 
 KEYS = ("step_s", "rollout_s", "reward_s", "old_logprob_s", "forward_s", "backward_s", "update_s",
         "rollout_tokens_per_s", "update_tokens_per_s", "response_len_mean")
@@ -79,7 +80,7 @@ def run_one(args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="internvl", choices=("internvl", "qwen2_5_vl", "llava"))
+    parser.add_argument("--family", default="internvl", choices=FAMILIES)
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from child import run_setting
+from r1v3.tools.tiny import FAMILIES
 
 
 CONFIGS = ("fp32", "fp32-in-backward", "bf16")
@@ -107,7 +108,7 @@ def run_one(args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="qwen2_5_vl", choices=("internvl", "qwen2_5_vl", "llava"))
+    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES)
     parser.add_argument("--size", default="medium", choices=("tiny", "small", "medium"))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--mmap-threshold", type=int, default=1 << 20,

@@ -18,11 +18,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from r1v3.tools.tiny import FAMILIES
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="internvl", choices=("internvl", "qwen2_5_vl", "llava"))
+    parser.add_argument("--family", default="internvl", choices=FAMILIES)
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--prompts", type=int, default=4)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from r1v3.tools.tiny import FAMILIES
 
 
 class StepTimer(Callback):
@@ -34,7 +35,7 @@ class StepTimer(Callback):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="internvl", choices=("internvl", "qwen2_5_vl", "llava"))
+    parser.add_argument("--family", default="internvl", choices=FAMILIES)
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from child import run_setting
+from r1v3.tools.tiny import FAMILIES
 
 
 def count_cpu_attention() -> None:
@@ -138,7 +139,7 @@ def run_one(args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="internvl", choices=("internvl", "qwen2_5_vl", "llava"))
+    parser.add_argument("--family", default="internvl", choices=FAMILIES)
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     for flag, default in (("--prompts", 4), ("--group-size", 8), ("--max-new-tokens", 64), ("--steps", 3),

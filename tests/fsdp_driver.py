@@ -32,12 +32,16 @@ class Recorder(Callback):
         self.record_grads, self.recorded = record_grads, False
         self.steps: list[dict] = []
         self.param_types: list[str] = []
+        self.units: list[str] = []
         self.local_numel = self.full_numel = 0
         self.local_bytes = 0
 
     def on_train_start(self, trainer, module):
         params = list(module.model.parameters())
         self.param_types = sorted({type(p).__name__ for p in params})
+        from torch.distributed.fsdp import FSDPModule
+
+        self.units = sorted({type(m).__name__ for m in module.model.modules() if isinstance(m, FSDPModule)})
         local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
         self.local_numel = sum(t.numel() for t in local)
         self.local_bytes = sum(t.numel() * t.element_size() for t in local)
@@ -59,7 +63,7 @@ class Recorder(Callback):
             row["tokens"] = int((batch["labels"] != -100).sum())
         if isinstance(batch, dict) and batch.get("meta"):
             row["ids"] = list(batch["meta"].get("id", []))
-        for key in ("train/padded_micro_batches", "train/micro_batches"):
+        for key in ("train/padded_micro_batches", "train/micro_batches", "train/router_aux_loss"):
             if key in trainer.callback_metrics:
                 row[key.split("/")[1]] = float(trainer.callback_metrics[key])
         self.steps.append(row)
@@ -75,7 +79,8 @@ def main(spec_path: str) -> None:
     torch.manual_seed(0)
     optimizer = OptimizerConfig(lr=spec.get("lr", 1e-3), warmup_ratio=0.0, schedule="constant")
     common = dict(trainable=spec.get("trainable", ["vision", "connector", "llm"]), optimizer=optimizer,
-                  export_dir=spec.get("export_dir"), load=LoadConfig(dtype=spec.get("dtype", "float32")))
+                  export_dir=spec.get("export_dir"), load=LoadConfig(
+                      dtype=spec.get("dtype", "float32"), router_aux_loss_coef=spec.get("router_aux_loss_coef")))
     if spec["stage"] == "grpo":
         from r1v3.rl.rollout import SamplingConfig
         from r1v3.stages.grpo import GRPOStage
@@ -121,7 +126,7 @@ def main(spec_path: str) -> None:
         if rank == 0:
             torch.save({k: v.detach().cpu() for k, v in state.items()}, out / "gathered.pt")
     record = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
-              "steps": recorder.steps, "param_types": recorder.param_types,
+              "steps": recorder.steps, "param_types": recorder.param_types, "units": recorder.units,
               "local_numel": recorder.local_numel, "full_numel": recorder.full_numel,
               "local_bytes": recorder.local_bytes, "sharded": fsdp.is_sharded(stage.model),
               "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}

@@ -203,6 +203,30 @@ def test_connector_only_under_sharding(tmp_path, tiny_dirs, synth_dir):
 
 
 @pytest.mark.slow
+def test_moe_layers_are_their_own_units_and_train_sharded(tmp_path, tiny_dirs, synth_dir):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    model_dir = tiny_dirs["qwen3_vl_moe"]
+    ranks = launch(tmp_path, stage="sft", model=str(model_dir), train=str(synth_dir / "train"), batch_size=2,
+                   max_steps=2, lr=1e-2, router_aux_loss_coef=0.01, gather=True, export_dir=str(tmp_path / "hf"))
+    assert all("FSDPQwen3VLMoeTextSparseMoeBlock" in r["units"] and "FSDPQwen3VLMoeTextDecoderLayer" in r["units"]
+               for r in ranks)
+    assert all(step["router_aux_loss"] > 0 for r in ranks for step in r["steps"])
+    trained = torch.load(tmp_path / "gathered.pt")
+    initial = AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
+    for key in ("model.language_model.layers.0.mlp.gate.weight", "model.language_model.layers.0.mlp.experts.gate_up_proj"):
+        assert not torch.equal(trained[key], initial[key]), key
+    # The sharded export keeps the released expert layout and loads back to the trained weights.
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        released = f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape()
+    experts, out, hidden = trained["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape
+    assert released == [experts, hidden, out]
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").state_dict()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+@pytest.mark.slow
 def test_grpo_sharded_ranks_update_in_step(tmp_path, tiny_dirs, synth_dir):
     # fsdp_driver.length_reward gives rank 1 only flat groups: dynamic sampling drops all its rows,
     # so it must pad every micro-batch pass of rank 0's updates. kl_coef loads the (unsharded)

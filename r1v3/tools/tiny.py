@@ -233,6 +233,13 @@ def build_processor(family: str, tokenizer, preset: Preset, tiles: int = 1, dyna
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 
+def _qwen_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen-VL configs' ids of their vision special tokens."""
+    tokens = {"image": "<|image_pad|>", "video": "<|video_pad|>", "vision_start": "<|vision_start|>",
+              "vision_end": "<|vision_end|>"}
+    return {f"{key}_token_id": tokenizer.convert_tokens_to_ids(token) for key, token in tokens.items()}
+
+
 def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
     """``tied``: the output embedding shares the input embedding's weights, as in many released
     checkpoints (the small Qwen2.5 language models, for one)."""
@@ -281,13 +288,7 @@ def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
             fullatt_block_indexes=[preset.vision_layers - 1],
         )
         return Qwen2_5_VLConfig(
-            text_config=text_cfg, vision_config=vision,
-            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-            tie_word_embeddings=tied,
-        )
+            text_config=text_cfg, vision_config=vision, tie_word_embeddings=tied, **_qwen_token_ids(tokenizer))
     if family in QWEN3_VL:
         from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
@@ -312,13 +313,7 @@ def build_config(family: str, preset: Preset, tokenizer, tied: bool = False):
         )
         config_class = Qwen3VLMoeConfig if family == "qwen3_vl_moe" else Qwen3VLConfig
         return config_class(
-            text_config=text_cfg, vision_config=vision,
-            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-            tie_word_embeddings=tied,
-        )
+            text_config=text_cfg, vision_config=vision, tie_word_embeddings=tied, **_qwen_token_ids(tokenizer))
     if family == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
