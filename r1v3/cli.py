@@ -21,6 +21,7 @@ TOOLS = {
     "ablate": ("r1v3.tools.ablations", "ablate_main", "the paper's ablations in miniature, with verdicts"),
     "rejection-sample": ("r1v3.tools.rejection", "rejection_main", "build SFT shards from verified samples of a model"),
     "shapes": ("r1v3.tools.shapes", "shapes_main", "parameters per module group and FSDP units, on the meta device"),
+    "plan": ("r1v3.tools.plan", "plan_main", "per-rank memory of a run from its config, and whether it fits"),
     "report": ("r1v3.tools.report", "report_main", "plot a run's curves (PNG) and write a markdown summary"),
 }
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -174,6 +175,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] in TOOLS:
         return _run_tool(argv[0], argv[1:])
+    if "--plan" in argv:  # `r1v3 fit ... --plan`: refuse a run that cannot fit, before any weight loads
+        argv.remove("--plan")
+        from r1v3.tools.plan import PlanError, check_before_fit
+
+        try:
+            problem = check_before_fit(argv[1:])
+        except PlanError as err:
+            problem = f"plan: {err}"
+        if problem:
+            print(f"r1v3: error: {problem}", file=sys.stderr)
+            return 2
+        from_shell = False
     try:
         R1V3CLI.run(None if from_shell else argv)
     except Exception as err:  # noqa: BLE001 - only user mistakes are caught; the rest re-raises

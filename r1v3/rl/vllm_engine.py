@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from r1v3.errors import UserError
 from r1v3.moe import released_expert_tensors
 from r1v3.processors import completed_checkpoint
 from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig, checkpoint_sampling_settings, warn_ignored_settings
@@ -140,6 +141,13 @@ class VLLMEngine:
             kwargs.update(dtype=config.dtype, enforce_eager=config.enforce_eager,
                           gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.sleep_mode)
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                if config.tensor_parallel_size > 1:
+                    # Under external_launcher the ranks of one tensor-parallel group drive one engine
+                    # and must submit identical requests; each r1v3 rank submits its own prompts.
+                    raise UserError(
+                        "vllm.tensor_parallel_size > 1 beside a multi-rank trainer needs the ranks of a "
+                        "tensor-parallel group to pool their prompts, which r1v3 does not do yet; use "
+                        "tensor_parallel_size 1 (docs/planning.md)")
                 kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             kwargs.update(dtype="float32" if config.dtype == "auto" else config.dtype, enforce_eager=True,

@@ -50,6 +50,18 @@ PUBLISHED = {
         # The outer flag decides tying in transformers 5 and defaults to True; InternVL3.5 does not tie.
         tie_word_embeddings=False),
         8.5e9, "OpenGVLab/InternVL3_5-8B-HF model card: 0.3B vision + 8.2B language = 8.5B"),
+    # The paper's base model: InternViT-6B-448px-V2.5, an MLP projector, Qwen2.5-32B.
+    "internvl3_38b": ("InternVLConfig", dict(
+        vision_config=dict(hidden_size=3200, intermediate_size=12800, num_hidden_layers=45, num_attention_heads=25,
+                           patch_size=[14, 14], image_size=[448, 448], hidden_act="gelu", attention_bias=False,
+                           use_qk_norm=True, norm_type="rms_norm", layer_norm_eps=1e-6, layer_scale_init_value=0.1,
+                           use_absolute_position_embeddings=True, use_mask_token=False, use_mean_pooling=True),
+        text_config=dict(model_type="qwen2", vocab_size=151674, hidden_size=5120, intermediate_size=27648,
+                         num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                         tie_word_embeddings=False),
+        downsample_ratio=0.5, projector_hidden_act="gelu", image_token_id=151667, image_seq_length=256,
+        tie_word_embeddings=False),
+        38.4e9, "OpenGVLab/InternVL3-38B: 38.4B (hub model size)"),
 }
 
 
