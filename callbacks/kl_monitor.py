@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from r1v3.distributed import is_sharded
 from r1v3.rl.entropy import masked_mean
 from r1v3.rl.losses import kl_penalty
 
@@ -60,7 +61,9 @@ class KLMonitor(Callback):
         """k1/k2/k3 on one step record (``StepRollouts``) against the reference policy."""
         reference = pl_module.reference_model(device=self.reference_device)
         home = next(reference.parameters()).device
-        visiting = home != pl_module.device  # a monitoring-only reference is offloaded between uses
+        # A monitoring-only reference waits on its own device between uses; a sharded one stays put
+        # (its placement, offload included, is FSDP2's).
+        visiting = home != pl_module.device and not is_sharded(reference)
         if visiting:
             reference.to(pl_module.device)
         try:

@@ -253,6 +253,19 @@ def configure_sharding(module) -> None:
         module.model.float()
 
 
+def shard_reference(model: torch.nn.Module, module, cpu_offload: bool = False) -> torch.nn.Module:
+    """Shard a frozen reference copy of ``module.model`` as the policy is sharded: the same mesh
+    and compute precision, so each rank holds 1/W of it, plus the blank-image pass that keeps
+    its vision collectives in step on ranks without images."""
+    strategy = module.trainer.strategy
+    shard_backbone(model, strategy.device_mesh["data_parallel"],
+                   mixed_precision=getattr(strategy, "mixed_precision", "none"), cpu_offload=cpu_offload,
+                   reshard_after_forward=True)
+    if strategy.world_size > 1:
+        keep_vision_in_step(model, module.processor)
+    return model
+
+
 def keep_vision_in_step(model: torch.nn.Module, processor: Any) -> None:
     """Run the vision tower on forwards without images, at the point where it would have run.
 

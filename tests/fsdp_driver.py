@@ -130,6 +130,15 @@ def main(spec_path: str) -> None:
               "local_numel": recorder.local_numel, "full_numel": recorder.full_numel,
               "local_bytes": recorder.local_bytes, "sharded": fsdp.is_sharded(stage.model),
               "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}
+    if spec.get("check_reference"):  # the sharded reference against a plain copy, on this rank's last rollouts
+        from r1v3.backbone import load_backbone
+
+        step = stage.last_rollouts
+        sharded = stage.reference_logprobs(step)  # a collective: every rank runs it
+        plain = stage.reference_logprobs(step, model=load_backbone(spec["model"]).model.eval())
+        mask = step.rollouts.completion_mask.bool()
+        record["reference_types"] = sorted({type(p).__name__ for p in stage.reference[0].parameters()})
+        record["reference_gap"] = float((sharded - plain)[mask].abs().max())
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 
 

@@ -229,12 +229,15 @@ def test_moe_layers_are_their_own_units_and_train_sharded(tmp_path, tiny_dirs, s
 @pytest.mark.slow
 def test_grpo_sharded_ranks_update_in_step(tmp_path, tiny_dirs, synth_dir):
     # fsdp_driver.length_reward gives rank 1 only flat groups: dynamic sampling drops all its rows,
-    # so it must pad every micro-batch pass of rank 0's updates. kl_coef loads the (unsharded)
-    # reference; 2 mini-batches make the old log-probs pass and 2 updates per rollout batch.
+    # so it must pad every micro-batch pass of rank 0's updates. kl_coef loads the reference,
+    # sharded, whose passes pad the same way; 2 mini-batches make the old log-probs pass and 2 updates per rollout batch.
     ranks = launch(tmp_path, stage="grpo", model=str(tiny_dirs["internvl"]), train=str(synth_dir / "train"),
                    batch_size=2, max_steps=4, lr=1e-3,
-                   grpo={"mini_batches": 2, "dynamic_sampling": True, "micro_batch_tokens": 64, "kl_coef": 0.05})
+                   grpo={"mini_batches": 2, "dynamic_sampling": True, "micro_batch_tokens": 64, "kl_coef": 0.05},
+                   check_reference=True)
     assert [r["global_step"] for r in ranks] == [4, 4]  # 2 rollout batches × 2 updates, on both ranks
+    # The reference is sharded like the policy, and gives an unsharded copy's log-probs.
+    assert all(r["reference_types"] == ["DTensor"] and r["reference_gap"] < 1e-4 for r in ranks), ranks
     assert all(r["param_types"] == ["DTensor"] for r in ranks)
     assert [len(r["steps"]) for r in ranks] == [2, 2]
     assert all(s["padded_micro_batches"] == 0 for s in ranks[0]["steps"])

@@ -21,7 +21,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from r1v3 import backbone as bb
-from r1v3.distributed import max_over_ranks
+from r1v3 import fsdp
+from r1v3.distributed import is_sharded, max_over_ranks
 from r1v3.encoding import PromptEncoder
 from r1v3.rewards import load_reward
 from r1v3.rl.advantages import group_advantages, soft_overlong_penalty, zero_variance_groups
@@ -74,6 +75,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         kl_coef: float = 0.0,
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
         kl_in: Literal["loss", "reward"] = "loss",
+        reference_cpu_offload: bool = False,
         dynamic_sampling: bool = False,
         rollout_log_every: int = 50,
         val_samples: int = 4,
@@ -118,6 +120,8 @@ class GRPOStage(PolicyUpdate, R1V3Module):
             kl_coef: β of the KL to the reference policy; 0 (the paper) loads no reference.
             kl_estimator: k1, k2 or k3 (Schulman); docs/design.md §1 gives their gradients.
             kl_in: Apply β·KL in the ``loss`` or subtract it from the ``reward``.
+            reference_cpu_offload: Under FSDP2 on GPUs, keep the sharded reference's parameters in
+                host memory between its forwards (torch ``CPUOffloadPolicy``).
             dynamic_sampling: Drop groups whose rewards are all equal (DAPO); off by default.
             rollout_log_every: Log a table of sample rollouts every N steps (0 = never).
             val_samples: Validation samples per question at the rollout temperature; their mean
@@ -184,14 +188,21 @@ class GRPOStage(PolicyUpdate, R1V3Module):
                 suppress_tokens=self.placeholder_ids)
 
     def reference_model(self, device: str | None = None) -> torch.nn.Module:
-        """The frozen initial policy (``model_path``), loaded on first use: for the KL loss, or on
-        the CPU for a KL monitor when the loss has none. Never sharded: under FSDP each rank holds
-        a full copy, and its forwards involve no collectives (so ranks may run different numbers)."""
+        """The frozen initial policy (``model_path``), loaded on first use: for the KL loss, or for a
+        KL monitor when the loss has none (on ``device``). Under FSDP2 it is sharded like the policy
+        (same mesh and mixed precision, no gradients, no optimizer state, ``reference_cpu_offload``
+        on GPUs): its forwards are then collectives, which ``scoring.all_rows`` keeps in step.
+        The one place a reference comes from, so another kind (a LoRA base) can replace it here."""
         if self.reference is None:
             load = self.load_config
-            ref = bb.load_backbone(self.model_path, dtype=load.dtype, device=device or str(self.device),
+            sharded = is_sharded(self.model)
+            ref = bb.load_backbone(self.model_path, dtype=load.dtype,
+                                   device=str(self.device) if sharded else device or str(self.device),
                                    trust_remote_code=load.trust_remote_code, groups=load.groups)
-            self.reference = [ref.model.eval().requires_grad_(False)]  # a list hides it from Lightning
+            model = ref.model.eval().requires_grad_(False)
+            if sharded:
+                fsdp.shard_reference(model, self, cpu_offload=self.hparams.reference_cpu_offload)
+            self.reference = [model]  # a list hides it from Lightning
         return self.reference[0]
 
     @property

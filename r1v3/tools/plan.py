@@ -10,7 +10,7 @@ The model of memory (docs/planning.md gives each term's formula and source):
   layer recomputed;
 - the logits are materialised for the whole micro-batch (compute dtype, a float32 copy and its
   log-softmax);
-- the KL reference is a full copy on every rank (it is not sharded yet);
+- the KL reference is sharded like the policy under FSDP2 (a full copy per rank without it);
 - every rank reads the whole checkpoint into host memory at load (not sharded yet);
 - vLLM claims ``gpu_memory_utilization`` of the device while it rolls out; in sleep mode it
   frees it in training and parks its weights in host memory.
@@ -158,7 +158,7 @@ def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: fl
                            + (largest_unit + counts["fsdp_root"]) * 4 * (trainable > 0)) if w > 1 else 0.0,
         "activations": activations,
         "logits": tokens * text.vocab_size * (compute + 8),
-        "reference": total * DTYPE_BYTES[run.load_dtype] if run.kl_coef > 0 else 0.0,
+        "reference": total * DTYPE_BYTES[run.load_dtype] / w if run.kl_coef > 0 else 0.0,
     }
     resident = ["parameters", "gradients", "optimizer", "reference"]
     offloaded = {"parameters", "gradients", "optimizer"} if run.cpu_offload and run.accelerator == "gpu" else set()
