@@ -69,6 +69,43 @@ class Recorder(Callback):
         self.steps.append(row)
 
 
+def compare_prefix(stage) -> dict:
+    """The shared prompt pass against the per-row computation on this rank's last rollouts, under
+    the run's sharding: log-probs, a policy loss and the full (gathered) gradients."""
+    from r1v3.logprobs import gather_logprobs
+    from r1v3.rl import prefix
+    from r1v3.rl.losses import policy_loss
+
+    step, model = stage.last_rollouts, stage.model
+    rows = torch.arange(min(6, step.rollouts.completion_ids.shape[0]))
+    ids, mask = step.rollouts.completion_ids[rows], step.rollouts.completion_mask[rows]
+    owners = step.group_index[rows].tolist()
+    advantages = torch.linspace(-1, 1, len(rows))
+
+    def run(shared: bool):
+        unique = sorted(set(owners)) if shared else owners
+        tokens, images = step.encoded.batch(unique)
+        if shared:
+            index = torch.tensor([unique.index(p) for p in owners])
+            logits = prefix.completion_logits(model, tokens, images, index, ids, mask)
+        else:
+            logits = prefix.per_row_completion_logits(model, tokens, images, ids, mask, step.encoded.pad_id)
+        logp = gather_logprobs(logits.float(), ids)
+        loss, _ = policy_loss(logp, logp.detach(), advantages, mask.float(), 0.2, 0.2, "seq-mean-token-mean")
+        model.zero_grad()
+        loss.backward()
+        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for p in model.parameters() if p.grad is not None]
+        return (logp.detach() * mask), torch.cat([g.flatten() for g in grads])
+
+    model.train()
+    shared_logp, shared_grad = run(True)
+    plain_logp, plain_grad = run(False)
+    return {"logp_gap": float((shared_logp - plain_logp).abs().max()),
+            "logp_scale": float(plain_logp.abs().max()),
+            "grad_rel": float((shared_grad - plain_grad).norm() / plain_grad.norm())}
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from r1v3 import fsdp
@@ -139,6 +176,8 @@ def main(spec_path: str) -> None:
         mask = step.rollouts.completion_mask.bool()
         record["reference_types"] = sorted({type(p).__name__ for p in stage.reference[0].parameters()})
         record["reference_gap"] = float((sharded - plain)[mask].abs().max())
+    if spec.get("check_prefix"):
+        record["prefix"] = compare_prefix(stage)
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 
 

@@ -234,10 +234,14 @@ def test_grpo_sharded_ranks_update_in_step(tmp_path, tiny_dirs, synth_dir):
     ranks = launch(tmp_path, stage="grpo", model=str(tiny_dirs["internvl"]), train=str(synth_dir / "train"),
                    batch_size=2, max_steps=4, lr=1e-3,
                    grpo={"mini_batches": 2, "dynamic_sampling": True, "micro_batch_tokens": 64, "kl_coef": 0.05},
-                   check_reference=True)
+                   check_reference=True, check_prefix=True)
     assert [r["global_step"] for r in ranks] == [4, 4]  # 2 rollout batches × 2 updates, on both ranks
     # The reference is sharded like the policy, and gives an unsharded copy's log-probs.
     assert all(r["reference_types"] == ["DTensor"] and r["reference_gap"] < 1e-4 for r in ranks), ranks
+    # The shared prompt pass runs sharded: log-probs and gathered gradients equal the per-row pass
+    # within tests/test_prefix.py's fp32 bounds.
+    for r in ranks:
+        assert r["prefix"]["logp_gap"] <= 1e-5 * r["prefix"]["logp_scale"] and r["prefix"]["grad_rel"] <= 1e-4, r
     assert all(r["param_types"] == ["DTensor"] for r in ranks)
     assert [len(r["steps"]) for r in ranks] == [2, 2]
     assert all(s["padded_micro_batches"] == 0 for s in ranks[0]["steps"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from r1v3.distributed import is_sharded
 from r1v3.encoding import EncodedPrompts, append_targets
 
 
@@ -66,8 +65,7 @@ def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict
                               completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
     """The straightforward computation ``completion_logits`` must equal: each row's prompt (row i
     of ``tokens``/``images``) and completion run whole. Used where a cache cannot be shared: with
-    gradient checkpointing (HF drops the cache in training) and under FSDP (one forward per
-    backward keeps its hooks simple)."""
+    gradient checkpointing (HF drops the cache in training)."""
     width = completion_ids.shape[1]
     targets = [row[: int(n)].tolist() for row, n in zip(completion_ids, completion_mask.sum(1))]
     inputs, _, start = append_targets({k: v.cpu() for k, v in tokens.items()}, targets, pad_id)
@@ -78,9 +76,12 @@ def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict
 
 
 def shares_prompts(model: torch.nn.Module) -> bool:
-    """Whether a group's rows can share one prompt pass: not when HF drops the cache for gradient
-    checkpointing, nor under FSDP (one forward per backward keeps its hooks simple)."""
-    return not (is_sharded(model) or getattr(model, "is_gradient_checkpointing", False))
+    """Whether a group's rows can share one prompt pass: yes, sharded or not (FSDP2 runs the two
+    forwards and one backward like any module; tests/test_fsdp.py checks the gradients), except
+    under gradient checkpointing. There transformers' checkpointed layers drop any cache a layer
+    would write, since the backward replay would write it a second time; the prefill then returns
+    no cache to share (docs/planning.md)."""
+    return not getattr(model, "is_gradient_checkpointing", False)
 
 
 def rows_completion_logits(model: torch.nn.Module, encoded: EncodedPrompts, owners: list[int],
