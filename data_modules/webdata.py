@@ -11,8 +11,10 @@ no image bytes read), and each epoch is a deterministic plan:
 3. Worker ``w`` of ``K`` builds batches ``start + w, start + w + K, …``; PyTorch's DataLoader reads
    workers round-robin, so a rank sees the same batch order for any number of workers.
 
-The stream position is (epoch, next batch index). Restoring it skips straight to that batch
-without decoding anything before it. Bad samples are dropped from their batch and counted by reason
+The stream position is (epoch, samples of the epoch's plan consumed by all ranks together). Ranks
+step together and take the plan round-robin, so the consumed samples are always a prefix of the
+plan: restoring the position hands the rest of the plan to however many ranks there are now, with
+any batch size, and skips straight there without decoding anything before it. Bad samples are dropped from their batch and counted by reason
 (truncated shard, invalid or non-UTF-8 json, missing field, wrong field type, missing, empty,
 undecodable or oversized image, image/placeholder mismatch); batch counts stay equal across ranks.
 """
@@ -133,10 +135,15 @@ class ShardStream(IterableDataset):
         self.sources, self.batch_size, self.seed, self.shuffle = sources, batch_size, seed, shuffle
         self.drop_last, self.samples_per_epoch, self.collate = drop_last, samples_per_epoch, collate
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch = 0, 0
+        self.epoch = 0
+        # (epoch, samples of its plan already consumed, batches that took in the saved run)
+        self.skip: tuple[int, int, int] = (0, 0, 0)
+
+    def skipped(self, epoch: int) -> int:
+        return self.skip[1] if self.skip[0] == epoch else 0
 
     def rank_plan(self, epoch: int) -> list[tuple[int, int, int]]:
-        plan = epoch_plan(self.sources, self.seed, epoch, self.shuffle, self.samples_per_epoch)
+        plan = epoch_plan(self.sources, self.seed, epoch, self.shuffle, self.samples_per_epoch)[self.skipped(epoch):]
         if self.drop_last:
             per_rank = len(plan) // self.world_size
         else:  # evaluation: every sample once; ranks short of one wrap around, as DistributedSampler does
@@ -145,8 +152,11 @@ class ShardStream(IterableDataset):
         return plan[self.rank::self.world_size][:per_rank]
 
     def num_batches(self, epoch: int = 0) -> int:
+        """Batches in this rank's share of ``epoch``, counting those a resumed run consumed before
+        its interruption: the epoch length Lightning's loop expects, whatever the world size then."""
         n = len(self.rank_plan(epoch))
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        left = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return left + (self.skip[2] if self.skip[0] == epoch else 0)
 
     def __iter__(self):
         info = get_worker_info()
@@ -155,7 +165,7 @@ class ShardStream(IterableDataset):
         n_batches = len(plan) // self.batch_size if self.drop_last else math.ceil(len(plan) / self.batch_size)
         handles: dict[tuple[int, int], Any] = {}
         try:
-            for j in range(self.start_batch + worker, n_batches, workers):
+            for j in range(worker, n_batches, workers):
                 refs = plan[j * self.batch_size:(j + 1) * self.batch_size]
                 skipped: Counter = Counter()
                 samples = []
@@ -171,7 +181,11 @@ class ShardStream(IterableDataset):
                     batch = self.collate(samples, skipped)
                 else:
                     batch = {"inputs": None, "meta": {}, "skipped": dict(skipped)}
-                batch["position"] = torch.tensor([self.epoch, j])
+                # After this batch, every rank has consumed this many samples of the epoch's plan.
+                # and the epoch's batches so far, as Lightning's loop counts them over restarts.
+                consumed = self.skipped(self.epoch) + (j + 1) * self.batch_size * self.world_size
+                batches = (self.skip[2] if self.skip[0] == self.epoch else 0) + j + 1
+                batch["position"] = torch.tensor([self.epoch, consumed, batches])
                 yield batch
         finally:
             for f in handles.values():
@@ -198,19 +212,22 @@ class StatefulLoader:
 
     def __init__(self, stream: ShardStream, num_workers: int = 0, epoch_fn: Callable[[], int] | None = None):
         self.stream, self.num_workers, self.epoch_fn = stream, num_workers, epoch_fn
-        self.resume: tuple[int, int] | None = None
+        self.resume: tuple[int, int, int] | None = None  # (epoch, samples consumed, batches that took)
 
     def __len__(self) -> int:
-        return self.stream.num_batches(self.stream.epoch)
+        epoch = self.epoch_fn() if self.epoch_fn else self.stream.epoch
+        if self.resume is not None:
+            self.stream.skip = self.resume
+        return self.stream.num_batches(epoch)
 
     def __iter__(self):
         epoch = self.epoch_fn() if self.epoch_fn else self.stream.epoch
-        self.stream.epoch, self.stream.start_batch = epoch, 0
+        self.stream.epoch = epoch
         if self.resume is not None:
-            r_epoch, r_batch = self.resume
-            if r_epoch == epoch:
-                self.stream.start_batch = r_batch
+            self.stream.skip = self.resume  # ignored in another epoch
             self.resume = None
+        elif self.stream.skip[0] != epoch:
+            self.stream.skip = (epoch, 0, 0)
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             persistent_workers=False)  # workers must see each epoch's settings
         yield from loader
@@ -277,7 +294,7 @@ class WebDataModule(LightningDataModule):
         self.processor = None
         self.collate_mode = "sft"
         self._sources: dict[str, list[Source]] = {}
-        self._consumed: tuple[int, int] | None = None
+        self._consumed: tuple[int, int, int] | None = None  # (epoch, samples consumed, batches that took)
         self._loaders: dict[str, StatefulLoader] = {}
 
     # -- wiring -------------------------------------------------------------------------------
@@ -346,24 +363,26 @@ class WebDataModule(LightningDataModule):
         return batch
 
     def mark_consumed(self, batch: dict) -> None:
-        epoch, index = (int(x) for x in batch["position"])
-        self._consumed = (epoch, index + 1)
+        self._consumed = tuple(int(x) for x in batch["position"])
 
     def state_dict(self) -> dict:
         rank, world = self._rank()
         state = {"seed": self.seed, "world_size": world, "batch_size": self.batch_size}
         if self._consumed is not None:
-            state["epoch"], state["next_batch"] = self._consumed
+            state["epoch"], state["consumed_samples"], state["epoch_batches"] = self._consumed
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if "next_batch" not in state:
+        """Restore the position; the world size and batch size may differ from the saved run's
+        (the rest of the epoch is re-split over the ranks there are now), the seed may not."""
+        if "next_batch" in state:  # saved before positions counted samples: batches x batch size x ranks
+            state = dict(state, consumed_samples=state["next_batch"] * state["batch_size"] * state["world_size"])
+        if "consumed_samples" not in state:
             return
-        rank, world = self._rank()
-        for key, now in (("seed", self.seed), ("world_size", world), ("batch_size", self.batch_size)):
-            if state.get(key) != now:
-                raise ValueError(f"cannot resume the data stream exactly: {key} was {state.get(key)} "
-                                 f"when saved and is {now} now")
-        self._consumed = (state["epoch"], state["next_batch"])
+        if state.get("seed") != self.seed:
+            raise ValueError(f"cannot resume the data stream exactly: seed was {state.get('seed')} when saved "
+                             f"and is {self.seed} now")
+        done = state.get("epoch_batches", state["consumed_samples"] // (state["batch_size"] * state["world_size"]))
+        self._consumed = (state["epoch"], state["consumed_samples"], done)
         if "train" in self._loaders:
             self._loaders["train"].resume = self._consumed

@@ -187,6 +187,24 @@ def test_resume_from_sharded_checkpoint_directory(tmp_path, tiny_dirs, equal_len
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("before, after, steps_before", [(2, 1, 2), (1, 2, 4)])
+def test_resume_on_another_world_size(tmp_path, tiny_dirs, equal_length_dir, before, after, steps_before):
+    """Stop a sharded SFT run and resume it on another number of processes: the checkpoint is
+    resharded on load and the rest of the epoch's 32 samples is re-split over the new ranks, so
+    over both runs every sample is seen exactly once."""
+    common = dict(stage="sft", model=str(tiny_dirs["internvl"]), train=str(equal_length_dir), batch_size=2,
+                  lr=2e-3, ckpt_dir=str(tmp_path / "ckpt"))
+    first = launch(tmp_path / "first", devices=before, max_steps=steps_before, **common)
+    remaining = (32 - steps_before * 2 * before) // (2 * after)
+    resumed = launch(tmp_path / "resumed", devices=after, max_steps=steps_before + remaining,
+                     ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **common)
+    assert all(r["global_step"] == steps_before + remaining for r in resumed)
+    seen = [i for run in (first, resumed) for r in run for step in r["steps"] for i in step["ids"]]
+    assert len(seen) == len(set(seen)) == 32
+    assert all(step["loss"] > 0 for r in resumed for step in r["steps"])
+
+
+@pytest.mark.slow
 def test_connector_only_under_sharding(tmp_path, tiny_dirs, synth_dir):
     from transformers import AutoModelForImageTextToText
 

@@ -158,10 +158,41 @@ def test_resume_in_new_process_yields_exactly_the_rest(tmp_path, synth_dir, tiny
     assert len(rest) == len(full) - 40
 
 
-def test_resume_refuses_a_different_world(synth_dir, internvl_processor):
+def test_resume_refuses_another_seed(synth_dir, internvl_processor):
     dm = make_module(synth_dir, internvl_processor)
-    with pytest.raises(ValueError, match="batch_size"):
-        dm.load_state_dict({"seed": 0, "world_size": 1, "batch_size": 3, "epoch": 0, "next_batch": 2})
+    with pytest.raises(ValueError, match="seed was 7"):
+        dm.load_state_dict({"seed": 7, "world_size": 1, "batch_size": 3, "epoch": 0, "consumed_samples": 6})
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
+def test_resume_on_another_world_size_sees_every_sample_once(synth_dir, before, after):
+    """Ranks stop after 3 steps of world ``before``; the rest of the epoch, re-split over ``after``
+    ranks (batch size changed too), covers exactly the samples not yet seen."""
+    def ranks(world, batch_size, resume=None):
+        streams = []
+        for rank in range(world):
+            stream = webdata.ShardStream(webdata.load_sources(str(synth_dir / "train")), batch_size=batch_size,
+                                         seed=5, rank=rank, world_size=world)
+            loader = webdata.StatefulLoader(stream)
+            loader.resume = resume
+            streams.append(iter(loader))
+        return streams
+
+    def ids(batch):
+        return [s["id"] for s in batch["samples"]]
+
+    seen, position, ranks_before = [], None, ranks(before, 4)
+    for _ in range(3):  # the ranks step together
+        for stream in ranks_before:
+            batch = next(stream)
+            seen += ids(batch)
+            position = tuple(int(x) for x in batch["position"])
+    rest = [i for stream in ranks(after, 3, resume=position) for batch in stream for i in ids(batch)]
+    plan_size = len(webdata.epoch_plan(webdata.load_sources(str(synth_dir / "train")), 5, 0, True))
+    assert len(seen) == len(set(seen)) == 3 * before * 4 and position == (0, len(seen), 3)
+    assert not set(seen) & set(rest) and len(rest) == len(set(rest))
+    # everything is seen once, except the last few a drop_last split leaves for the next epoch
+    assert plan_size - after * 3 < len(seen) + len(rest) <= plan_size
 
 
 def test_weighted_mixing(tmp_path, synth_dir):
@@ -191,7 +222,7 @@ def test_multi_image_samples_collate(tmp_path, internvl_processor):
     assert batch["images"]["pixel_values"].shape[0] == 2
     ctx = internvl_processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert int((batch["inputs"]["input_ids"] == ctx).sum()) == 2 * 16
-    assert torch.equal(batch["position"], torch.tensor([0, 0]))
+    assert torch.equal(batch["position"], torch.tensor([0, 1, 1]))  # one sample, one batch of the epoch
 
 
 def test_several_evaluation_sources_are_read_once_each_in_order(synth_dir):
