@@ -204,8 +204,10 @@ def resolve_attn_implementation(requested: str | None, device: str | torch.devic
 
 def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str | None = "sdpa",
                   trust_remote_code: bool = False, groups: Mapping[str, Sequence[str]] | None = None,
-                  device: str = "cpu") -> Backbone:
-    """Load model + processor from a local directory (or hub id) the way any checkpoint loads."""
+                  device: str = "cpu", on_meta: bool = False) -> Backbone:
+    """Load model + processor from a local directory (or hub id) the way any checkpoint loads.
+    ``on_meta``: build the parameters on the meta device instead, for a sharded load
+    (:mod:`r1v3.sharded_load`; falls back to the full load where the checkpoint does not allow it)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     if dtype not in TORCH_DTYPES:
@@ -225,11 +227,17 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
         # without a mask, where a mask would fall back to the math kernel; CPU's flash kernel takes
         # the mask, and a GRPO update measured 4% (fp32) to 8% (bf16) faster (bench/update_flops.py).
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(path), dtype=TORCH_DTYPES[dtype], attn_implementation=resolve_attn_implementation(
-            attn_implementation, device),
-        trust_remote_code=trust_remote_code, use_safetensors=None,
-    )
+    attn = resolve_attn_implementation(attn_implementation, device)
+    model = None
+    if on_meta and not trust_remote_code and Path(path).is_dir():
+        from r1v3.sharded_load import build_on_meta
+
+        model = build_on_meta(path, config, TORCH_DTYPES[dtype], attn)
+    if model is None:
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(path), dtype=TORCH_DTYPES[dtype], attn_implementation=attn,
+            trust_remote_code=trust_remote_code, use_safetensors=None,
+        )
     processor = load_processor(path, trust_remote_code)
     backbone = Backbone(model=model, processor=processor, family=family, groups=resolved_groups)
     split_parameters(model, resolved_groups)  # fail early on unmatched parameters

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from r1v3.errors import BackboneError
@@ -230,6 +231,13 @@ def shard_backbone(model: torch.nn.Module, mesh, *, mixed_precision: str = "none
     return model
 
 
+def loads_sharded(strategy: Any) -> bool:
+    """Whether a stage under ``strategy`` builds its model on the meta device and reads each rank's
+    shard from the checkpoint (FSDP2 over several processes) instead of loading it whole per rank."""
+    return (isinstance(strategy, ModelParallelStrategy) and strategy.world_size > 1
+            and getattr(strategy, "sharded_load", True))
+
+
 def configure_sharding(module) -> None:
     """Called by R1V3Module.configure_model after the freeze plan: shard ``module.model`` when the
     trainer's strategy is a ModelParallelStrategy (options from FSDP2Strategy, defaults otherwise)."""
@@ -245,6 +253,12 @@ def configure_sharding(module) -> None:
     if getattr(strategy, "activation_checkpointing", False) and not module.load_config.gradient_checkpointing:
         enable_activation_checkpointing(module.model)
     shard_backbone(module.model, strategy.device_mesh["data_parallel"], **opts)
+    if "_r1v3_checkpoint_keys" in module.model.__dict__:  # built on the meta device: read this rank's rows
+        from r1v3.sharded_load import materialize
+
+        largest = materialize(module.model, strategy.root_device)
+        rank_zero_info(f"[r1v3] sharded load of {module.model_path}: each rank read its own rows "
+                       f"(largest slice {largest / 2**20:.1f} MB)")
     if strategy.world_size > 1:
         keep_vision_in_step(module.model, module.processor)
     if opts.get("mixed_precision") == "bf16":
@@ -261,6 +275,10 @@ def shard_reference(model: torch.nn.Module, module, cpu_offload: bool = False) -
     shard_backbone(model, strategy.device_mesh["data_parallel"],
                    mixed_precision=getattr(strategy, "mixed_precision", "none"), cpu_offload=cpu_offload,
                    reshard_after_forward=True)
+    if "_r1v3_checkpoint_keys" in model.__dict__:  # built on the meta device
+        from r1v3.sharded_load import materialize
+
+        materialize(model, strategy.root_device)
     if strategy.world_size > 1:
         keep_vision_in_step(model, module.processor)
     return model

@@ -337,3 +337,27 @@ def test_blocks_come_from_no_split_modules(tiny_dirs):
     assert {c.__name__ for c in block_classes(model)} == {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"}
     with pytest.raises(BackboneError, match="_no_split_modules"):
         block_classes(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_sharded_load_holds_a_shard_and_one_slice(tmp_path, capsys):
+    """2 processes load the 0.57B medium preset (float32 file, bfloat16 weights): each rank's
+    anonymous memory peaks at its shard plus the largest slice it read (plus allocator slack), where
+    loading the whole checkpoint first (the path before) peaks at a full bf16 copy plus the shard."""
+    from r1v3.tools.tiny import build_tiny
+
+    model_dir = build_tiny("internvl", tmp_path / "medium", size="medium")
+    done = run_subprocess([sys.executable, str(REPO / "bench" / "sharded_load.py"), "--model-dir", str(model_dir),
+                           "--dtype", "bfloat16"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for sharded, full in zip(result["sharded"], result["full"]):
+        assert sharded["full_model_mb"] > 1000  # 0.57B parameters in bf16
+        bound = sharded["shard_mb"] + sharded["largest_slice_mb"]
+        assert sharded["peak_above_baseline_mb"] <= 1.1 * bound, sharded
+        assert full["peak_above_baseline_mb"] >= full["full_model_mb"], full
+    with capsys.disabled():
+        print("\nsharded load, per rank: peak", [round(r["peak_above_baseline_mb"]) for r in result["sharded"]],
+              "MB (shard", round(result["sharded"][0]["shard_mb"]), "MB + slice",
+              round(result["sharded"][0]["largest_slice_mb"]), "MB); whole-checkpoint load:",
+              [round(r["peak_above_baseline_mb"]) for r in result["full"]], "MB")

@@ -44,9 +44,11 @@ def test_the_38b_plan_shards_its_state_over_the_ranks(repo, capsys):
 
 
 def test_verdicts_worked_out_by_hand(repo, capsys):
-    # docs/planning.md: every rank of a node reads the whole bf16 checkpoint at load, 8 x 76.8 GB
-    small_host = run(GRPO_38B + ["--host-memory", "512"], capsys)
-    assert not small_host["fits"] and "largest term host_load" in small_host["verdict"]
+    # docs/planning.md: a node's 8 sleeping engines park 76.8 GB / TP 4 each in host memory
+    small_host = run(GRPO_38B + ["--host-memory", "128"], capsys)
+    assert not small_host["fits"] and "153.6 GB per node" in small_host["verdict"]
+    assert "largest term host_vllm_sleep" in small_host["verdict"]
+    assert small_host["terms_gb"]["host_load"] == pytest.approx(38.39e9 * 2 / 32 / 1e9, abs=0.01)  # a shard
     # one node: 38.4B x 16 bytes / 8 ranks = 76.8 GB of sharded state, plus vLLM's 48 GB in rollouts
     one_node = run(GRPO_38B + ["--host-memory", "1024", "--gpus", "8"], capsys)
     assert not one_node["fits"] and "124.8 GB per rank in rollouts" in one_node["verdict"]

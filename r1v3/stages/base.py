@@ -124,7 +124,8 @@ class R1V3Module(LightningModule):
         load = self.load_config
         self.backbone = bb.load_backbone(
             self.model_path, dtype=load.dtype, attn_implementation=load.attn_implementation,
-            trust_remote_code=load.trust_remote_code, groups=load.groups, device=str(self.device))
+            trust_remote_code=load.trust_remote_code, groups=load.groups, device=str(self.device),
+            on_meta=fsdp.loads_sharded(self._trainer.strategy if self._trainer else None))
         self.backbone.processor = self.processor
         self.model = self.backbone.model.train()  # from_pretrained returns eval mode
         counts = bb.apply_freeze_plan(self.backbone, self.trainable)

@@ -198,7 +198,8 @@ class GRPOStage(PolicyUpdate, R1V3Module):
             sharded = is_sharded(self.model)
             ref = bb.load_backbone(self.model_path, dtype=load.dtype,
                                    device=str(self.device) if sharded else device or str(self.device),
-                                   trust_remote_code=load.trust_remote_code, groups=load.groups)
+                                   trust_remote_code=load.trust_remote_code, groups=load.groups,
+                                   on_meta=sharded and fsdp.loads_sharded(self.trainer.strategy))
             model = ref.model.eval().requires_grad_(False)
             if sharded:
                 fsdp.shard_reference(model, self, cpu_offload=self.hparams.reference_cpu_offload)

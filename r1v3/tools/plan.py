@@ -11,7 +11,7 @@ The model of memory (docs/planning.md gives each term's formula and source):
 - the logits are materialised for the whole micro-batch (compute dtype, a float32 copy and its
   log-softmax);
 - the KL reference is sharded like the policy under FSDP2 (a full copy per rank without it);
-- every rank reads the whole checkpoint into host memory at load (not sharded yet);
+- under FSDP2 each rank reads only its shard of the checkpoint at load (else the whole of it);
 - vLLM claims ``gpu_memory_utilization`` of the device while it rolls out; in sleep mode it
   frees it in training and parks its weights in host memory.
 """
@@ -180,7 +180,9 @@ def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: fl
     phase = {*resident, "vllm_rollout"} if in_rollout else set(terms) - asleep_in_updates
     peak_terms = {k: terms[k] for k in phase - offloaded}
     host_terms = {
-        "host_load": total * DTYPE_BYTES[run.load_dtype] * (2 if run.kl_coef > 0 else 1),  # whole checkpoint per rank
+        # FSDP2 over several ranks reads each rank's rows only (r1v3.sharded_load); else the whole
+        # checkpoint per rank (its anonymous copy when the load converts dtypes).
+        "host_load": total * DTYPE_BYTES[run.load_dtype] / w * (2 if run.kl_coef > 0 else 1),
         "host_vllm_sleep": vllm_host,
         "host_offload": sum(terms[k] for k in offloaded),
     }

@@ -1,0 +1,122 @@
+"""Sharded loading under FSDP2: every rank builds the model with its parameters on the meta device,
+shards it, and reads only its own rows of each weight from the memory-mapped safetensors files.
+
+No rank ever holds a full copy: a rank's peak is its shard plus the one tensor slice being
+copied (plus a whole tensor where the file stores it transposed: Qwen3-VL-MoE's fused experts).
+The names come from transformers' own mapping between its in-memory parameters and a checkpoint
+(``revert_weight_conversion``, what ``save_pretrained`` uses). A checkpoint that mapping does not
+cover one to one (per-expert files of a fused MoE, renamed towers) loads the usual way, in full, on
+every rank, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def parameters_on_meta():
+    """Create every parameter on the meta device and every buffer for real (rotary frequencies,
+    position ids): a model's buffers come from its config, its parameters from the checkpoint."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(path.glob("*.safetensors"))
+
+
+def checkpoint_keys(model: torch.nn.Module, path: Path) -> dict[str, tuple[str, str]] | None:
+    """Parameter name -> (file, checkpoint key), or None when a parameter does not map one to one
+    onto a stored tensor."""
+    from safetensors import safe_open
+    from transformers.core_model_loading import revert_weight_conversion
+
+    on_disk = {}
+    for file in safetensors_files(path):
+        with safe_open(str(file), "pt") as f:
+            on_disk.update({key: str(file) for key in f.keys()})
+    params = dict(model.named_parameters())
+    by_id = {id(p): name for name, p in params.items()}
+    reverted = revert_weight_conversion(model, dict(params))
+    names = {by_id[id(t)]: key for key, t in reverted.items() if id(t) in by_id}
+    if len(names) != len(params) or any(key not in on_disk for key in names.values()):
+        return None
+    return {name: (on_disk[key], key) for name, key in names.items()}
+
+
+def build_on_meta(path: str | Path, config, dtype: torch.dtype, attn_implementation: str):
+    """The model of ``config`` with its parameters on the meta device, ready to shard, or None when
+    its checkpoint cannot be read slice by slice."""
+    from transformers import AutoModelForImageTextToText
+
+    with parameters_on_meta():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    keys = checkpoint_keys(model, Path(path))
+    if keys is None:
+        log.warning("[r1v3] %s: its tensors do not map one to one onto the model's parameters; every rank "
+                    "loads the whole checkpoint", path)
+        return None
+    model._r1v3_checkpoint_keys = keys
+    return model
+
+
+def materialize(model: torch.nn.Module, device: torch.device | str) -> int:
+    """Allocate a sharded meta model's local shards on ``device`` and fill them from the checkpoint
+    files, each rank reading only its rows. Returns the largest slice read, in bytes."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from r1v3.rl.weight_sync import clean_name
+
+    keys = model.__dict__.pop("_r1v3_checkpoint_keys")
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    largest, files = 0, {}
+    try:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                file, key = keys[clean_name(name)]
+                if file not in files:
+                    files[file] = safe_open(file, "pt")
+                stored = files[file].get_slice(key)
+                if isinstance(param, DTensor):
+                    local = param.to_local()
+                    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                                          param.placements)
+                    start, rows = (offset[0], shape[0]) if param.dim() else (0, 0)
+                else:
+                    local, start, rows = param.data, 0, param.shape[0] if param.dim() else 0
+                if list(stored.get_shape()) == list(param.shape):
+                    part = stored[start:start + rows] if param.dim() else files[file].get_tensor(key)
+                else:  # a whole tensor stored transposed (released Qwen3-VL-MoE experts)
+                    part = files[file].get_tensor(key).transpose(1, 2)[start:start + rows]
+                largest = max(largest, part.numel() * part.element_size())
+                local.copy_(part.to(local.dtype))
+    finally:
+        files.clear()
+    return largest
