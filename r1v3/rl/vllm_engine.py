@@ -15,6 +15,8 @@ engine at the same point: GRPOStage.configure_model), and environment variables 
 …) are never read on this path, so clearing them would change nothing. With tensor_parallel_size=1
 every vLLM model-parallel group holds one rank, so generation and weight reloads exchange nothing
 between ranks (measured: ranks generating different numbers of prompts and tokens did not block).
+With tensor_parallel_size > 1 the ranks of a group drive one engine and pool their prompts
+(:mod:`r1v3.rl.tp_pool`).
 vLLM's shutdown destroys the default process group, so an engine must live as long as the run.
 A private group would mean swapping torch's global default group while vLLM starts, not attempted.
 """
@@ -30,10 +32,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from r1v3.errors import UserError
 from r1v3.moe import released_expert_tensors
 from r1v3.processors import completed_checkpoint
 from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig, checkpoint_sampling_settings, warn_ignored_settings
+from r1v3.rl.tp_pool import new_tp_group, pooled
 from r1v3.rl.weight_sync import bucketize, trainable_state
 
 log = logging.getLogger(__name__)
@@ -137,22 +139,18 @@ class VLLMEngine:
         image_settings = dict(mm_processor_kwargs or {}) | dict(config.mm_processor_kwargs or {})
         if image_settings:
             kwargs["mm_processor_kwargs"] = image_settings
+        tp_group = None
         if on_gpu:
             kwargs.update(dtype=config.dtype, enforce_eager=config.enforce_eager,
                           gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.sleep_mode)
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                if config.tensor_parallel_size > 1:
-                    # Under external_launcher the ranks of one tensor-parallel group drive one engine
-                    # and must submit identical requests; each r1v3 rank submits its own prompts.
-                    raise UserError(
-                        "vllm.tensor_parallel_size > 1 beside a multi-rank trainer needs the ranks of a "
-                        "tensor-parallel group to pool their prompts, which r1v3 does not do yet; use "
-                        "tensor_parallel_size 1 (docs/planning.md)")
                 kwargs["distributed_executor_backend"] = "external_launcher"
+                if config.tensor_parallel_size > 1:  # the group's ranks pool their prompts (r1v3.rl.tp_pool)
+                    tp_group = new_tp_group(config.tensor_parallel_size)
         else:
             kwargs.update(dtype="float32" if config.dtype == "auto" else config.dtype, enforce_eager=True,
                           block_size=32)
-        self.config, self.on_gpu = config, on_gpu
+        self.config, self.on_gpu, self.tp_group = config, on_gpu, tp_group
         self.rename, self.family, self.group_of = rename, family, group_of
         self.suppress_tokens = list(suppress_tokens)
         self._allowed: list[int] | None = None
@@ -193,7 +191,7 @@ class VLLMEngine:
             top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None, logprobs=0, seed=request_seed,
             allowed_token_ids=self._allowed_tokens())
-        outputs = self.llm.generate(self._requests(prompts), params, use_tqdm=False)
+        outputs = self._generate(prompts, params)
         ids, logprobs, texts, reasons = [], [], [], []
         for out in outputs:
             for comp in out.outputs:
@@ -224,10 +222,16 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0 if logprobs else None)
-        outputs = self.llm.generate(self._requests(prompts), params, use_tqdm=False)
+        outputs = self._generate(prompts, params)
         return [(list(out.prompt_token_ids),
                  [step[tok].logprob for tok, step in zip(out.prompt_token_ids[1:], (out.prompt_logprobs or [None])[1:])]
                  if logprobs else []) for out in outputs]
+
+    def _generate(self, prompts: Sequence[Prompt], params) -> list:
+        """One engine call; in a tensor-parallel group, on the group's pooled prompts."""
+        def run(batch, batch_params):
+            return self.llm.generate(self._requests(batch), batch_params, use_tqdm=False)
+        return pooled(self.tp_group, prompts, params, run) if self.tp_group is not None else run(prompts, params)
 
     @staticmethod
     def _requests(prompts: Sequence[Prompt]) -> list[dict]:
