@@ -351,9 +351,23 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_sharded(module, out: Path) -> Path:
-    """HF export of an R1V3Module's sharded model: all ranks gather, rank 0 writes, the others wait."""
+    """HF export of an R1V3Module's sharded model. FSDP2: each rank writes its shards and rank 0
+    consolidates them into HF safetensors (torch's ``HuggingFaceStorageWriter``), so no rank
+    gathers the model; a checkpoint layout that is not a renaming of the parameters (per-expert
+    files) falls back to gathering on rank 0. Rank 0 then writes the config and processor."""
     model = module.model
     if any(isinstance(m, FSDPModule) for m in model.modules()):
+        from r1v3.sharded_load import save_sharded
+
+        if save_sharded(model, out):
+            if torch.distributed.get_rank() == 0:
+                model.config.save_pretrained(out)
+                if getattr(model, "generation_config", None) is not None:
+                    model.generation_config.save_pretrained(out)
+                write_released_layout(out)
+                save_processor(module.processor, out)
+            torch.distributed.barrier()
+            return out
         state = full_state_dict(model)
     else:  # FSDP1 state dicts come from the wrapped root (the LightningModule): keys gain "model."
         state = {k.removeprefix("model."): v for k, v in full_state_dict(module.trainer.strategy.model).items()

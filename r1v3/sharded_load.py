@@ -1,4 +1,4 @@
-"""Sharded loading under FSDP2: every rank builds the model with its parameters on the meta device,
+"""Sharded loading and saving under FSDP2: every rank builds the model with its parameters on the meta device,
 shards it, and reads only its own rows of each weight from the memory-mapped safetensors files.
 
 No rank ever holds a full copy: a rank's peak is its shard plus the one tensor slice being
@@ -120,3 +120,34 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> int:
     finally:
         files.clear()
     return largest
+
+
+def save_sharded(model: torch.nn.Module, out: str | Path) -> bool:
+    """Write a sharded model as an HF safetensors checkpoint without gathering it: every rank saves
+    its shards, then rank 0 consolidates them file by file (torch's ``HuggingFaceStorageWriter``),
+    under the names transformers' own mapping gives. A collective. False (nothing written) when
+    the checkpoint layout is not a one-to-one renaming of the parameters."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from r1v3.rl.weight_sync import clean_name
+
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if id(tensor) not in seen:  # a tied weight is stored once, as save_pretrained does
+            seen.add(id(tensor))
+            state[clean_name(name)] = tensor
+    reverted = revert_weight_conversion(model, dict(state))
+    if {id(t) for t in reverted.values()} != {id(t) for t in state.values()}:
+        return False
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dcp.save(reverted, storage_writer=HuggingFaceStorageWriter(str(out), save_distributed=True,
+                                                               enable_consolidation=True))
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(out / "sharded", ignore_errors=True)  # the per-rank files, now consolidated
+    return True

@@ -236,7 +236,9 @@ def test_moe_layers_are_their_own_units_and_train_sharded(tmp_path, tiny_dirs, s
     for key in ("model.language_model.layers.0.mlp.gate.weight", "model.language_model.layers.0.mlp.experts.gate_up_proj"):
         assert not torch.equal(trained[key], initial[key]), key
     # The sharded export keeps the released expert layout and loads back to the trained weights.
-    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+    files = list((tmp_path / "hf").glob("*.safetensors"))
+    assert len(files) == 1, files
+    with safe_open(str(files[0]), "pt") as f:
         released = f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape()
     experts, out, hidden = trained["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape
     assert released == [experts, hidden, out]
