@@ -384,5 +384,10 @@ class WebDataModule(LightningDataModule):
                              f"and is {self.seed} now")
         done = state.get("epoch_batches", state["consumed_samples"] // (state["batch_size"] * state["world_size"]))
         self._consumed = (state["epoch"], state["consumed_samples"], done)
+        rank, world = self._rank()
+        if (state.get("world_size"), state.get("batch_size")) != (world, self.batch_size) and self.trainer is not None:
+            # Lightning reads an epoch's length once per loader; the resumed epoch's (its batches
+            # before the restart plus the rest re-split) is not the next epochs', so reload then.
+            self.trainer.reload_dataloaders_every_n_epochs = 1
         if "train" in self._loaders:
             self._loaders["train"].resume = self._consumed

@@ -231,6 +231,11 @@ def shard_backbone(model: torch.nn.Module, mesh, *, mixed_precision: str = "none
     return model
 
 
+def is_fsdp2(model: torch.nn.Module | None) -> bool:
+    """Sharded with FSDP2 (``fully_shard``), not FSDP1."""
+    return model is not None and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def loads_sharded(strategy: Any) -> bool:
     """Whether a stage under ``strategy`` builds its model on the meta device and reads each rank's
     shard from the checkpoint (FSDP2 over several processes) instead of loading it whole per rank."""

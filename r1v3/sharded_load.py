@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
+FILE_BYTES = 5 * 2**30
 
 
 @contextmanager
@@ -77,6 +78,10 @@ def build_on_meta(path: str | Path, config, dtype: torch.dtype, attn_implementat
         log.warning("[r1v3] %s: its tensors do not map one to one onto the model's parameters; every rank "
                     "loads the whole checkpoint", path)
         return None
+    if (Path(path) / "generation_config.json").is_file():  # from_config gives the defaults, not the checkpoint's
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     model._r1v3_checkpoint_keys = keys
     return model
 
@@ -135,18 +140,28 @@ def save_sharded(model: torch.nn.Module, out: str | Path) -> bool:
 
     from r1v3.rl.weight_sync import clean_name
 
-    state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        if id(tensor) not in seen:  # a tied weight is stored once, as save_pretrained does
-            seen.add(id(tensor))
-            state[clean_name(name)] = tensor
+    state = {}
+    for name, param in model.named_parameters():  # a tied weight once, as save_pretrained stores it
+        state[clean_name(name)] = param.detach()
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if leaf not in module._non_persistent_buffers_set:
+            state[clean_name(name)] = buffer
     reverted = revert_weight_conversion(model, dict(state))
     if {id(t) for t in reverted.values()} != {id(t) for t in state.values()}:
         return False
+    # Files of about 5 GB, as transformers shards its own saves.
+    index, used, files = {}, 0, 1
+    for key, tensor in reverted.items():
+        size = tensor.numel() * tensor.element_size()
+        if used and used + size > FILE_BYTES:
+            files, used = files + 1, 0
+        index[key], used = files, used + size
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dcp.save(reverted, storage_writer=HuggingFaceStorageWriter(str(out), save_distributed=True,
-                                                               enable_consolidation=True))
+    dcp.save(reverted, storage_writer=HuggingFaceStorageWriter(str(out), fqn_to_index_mapping=index,
+                                                               save_distributed=True, enable_consolidation=True))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         shutil.rmtree(out / "sharded", ignore_errors=True)  # the per-rank files, now consolidated

@@ -196,11 +196,17 @@ def test_resume_on_another_world_size(tmp_path, tiny_dirs, equal_length_dir, bef
                   lr=2e-3, ckpt_dir=str(tmp_path / "ckpt"))
     first = launch(tmp_path / "first", devices=before, max_steps=steps_before, **common)
     remaining = (32 - steps_before * 2 * before) // (2 * after)
-    resumed = launch(tmp_path / "resumed", devices=after, max_steps=steps_before + remaining,
+    # 2 -> 1 also runs the whole next epoch: its length must be a full epoch's again, not the
+    # resumed epoch's (the done + re-split batches Lightning was told).
+    next_epoch = 32 // (2 * after) if after < before else 0
+    resumed = launch(tmp_path / "resumed", devices=after, max_steps=steps_before + remaining + next_epoch,
                      ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **common)
-    assert all(r["global_step"] == steps_before + remaining for r in resumed)
-    seen = [i for run in (first, resumed) for r in run for step in r["steps"] for i in step["ids"]]
+    assert all(r["global_step"] == steps_before + remaining + next_epoch for r in resumed)
+    seen = [i for r in first for step in r["steps"] for i in step["ids"]]
+    seen += [i for r in resumed for step in r["steps"][:remaining] for i in step["ids"]]
     assert len(seen) == len(set(seen)) == 32
+    epoch_1 = [i for r in resumed for step in r["steps"][remaining:] for i in step["ids"]]
+    assert len(epoch_1) == len(set(epoch_1)) == (32 if next_epoch else 0), "the next epoch is whole again"
     assert all(step["loss"] > 0 for r in resumed for step in r["steps"])
 
 

@@ -1,6 +1,7 @@
 """Tensor-parallel engine groups pool their prompts (r1v3.rl.tp_pool): over real gloo process
 groups, every member of a group makes the same engine call (all members' prompts in rank order,
-the first member's sampling parameters) and gets back the outputs of its own prompts."""
+each prompt with its own member's sampling parameters) and gets back the outputs of its own
+prompts."""
 
 import json
 import os
@@ -33,7 +34,7 @@ def member(rank: int, world: int, port: int, out: str) -> None:
 
     def engine(batch, params):
         calls.append({"batch": batch, "params": params})
-        return [f"{p}:{params['seed']}" for p in batch]
+        return [f"{p}:{each['seed']}" for p, each in zip(batch, params)]
 
     outputs = pooled(group, prompts, {"seed": 100 + rank}, engine)
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
@@ -51,6 +52,7 @@ def test_members_share_one_call_and_keep_their_outputs(tmp_path):
         a, b = ranks[first], ranks[second]
         assert a["calls"] == b["calls"] and len(a["calls"]) == 1, "one identical engine call per group"
         assert a["calls"][0]["batch"] == a["prompts"] + b["prompts"]
-        assert a["calls"][0]["params"] == {"seed": 100 + first}, "the first member's parameters"
-        for r in (a, b):
-            assert r["outputs"] == [f"{p}:{100 + first}" for p in r["prompts"]]
+        assert a["calls"][0]["params"] == ([{"seed": 100 + first}] * len(a["prompts"])
+                                           + [{"seed": 100 + second}] * len(b["prompts"])), "each prompt's own"
+        for rank, r in ((first, a), (second, b)):
+            assert r["outputs"] == [f"{p}:{100 + rank}" for p in r["prompts"]]

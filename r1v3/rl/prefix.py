@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from r1v3.distributed import is_sharded
 from r1v3.encoding import EncodedPrompts, append_targets
 
 
@@ -51,14 +52,17 @@ def completion_logits(model: torch.nn.Module, tokens: dict, images: dict, prompt
     cache, first, following = prefill(model, tokens, images)
     cache.batch_select_indices(prompt_index)  # differentiable: gradients sum back per prompt
     width = completion_ids.shape[1]
-    if width == 1:
+    if width == 1 and not is_sharded(model):
         return first[prompt_index, None]
     # Token t is predicted at token t-1's position; the prompt's last position predicted token 0.
-    feed = completion_ids[:, :-1]
-    mask = torch.cat([tokens["attention_mask"][prompt_index], completion_mask[:, :-1].to(tokens["attention_mask"])], 1)
-    positions = following[prompt_index, None] + torch.arange(width - 1, device=feed.device)
+    # Sharded, every micro-batch runs both forwards (collectives), so a batch of one-token
+    # completions still runs the continuation, on one masked token whose logits are dropped.
+    feed = completion_ids[:, :-1] if width > 1 else completion_ids
+    fed_mask = completion_mask[:, :-1] if width > 1 else torch.zeros_like(completion_mask)
+    mask = torch.cat([tokens["attention_mask"][prompt_index], fed_mask.to(tokens["attention_mask"])], 1)
+    positions = following[prompt_index, None] + torch.arange(feed.shape[1], device=feed.device)
     out = model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    return torch.cat([first[prompt_index, None], out.logits], 1)
+    return torch.cat([first[prompt_index, None], out.logits], 1)[:, :width]
 
 
 def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict, completion_ids: torch.Tensor,
@@ -76,12 +80,15 @@ def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict
 
 
 def shares_prompts(model: torch.nn.Module) -> bool:
-    """Whether a group's rows can share one prompt pass: yes, sharded or not (FSDP2 runs the two
-    forwards and one backward like any module; tests/test_fsdp.py checks the gradients), except
-    under gradient checkpointing. There transformers' checkpointed layers drop any cache a layer
+    """Whether a group's rows can share one prompt pass: yes, sharded with FSDP2 or not (FSDP2 runs
+    the two forwards and one backward like any module; tests/test_fsdp.py checks the gradients),
+    except under FSDP1 (untested) and gradient checkpointing. There transformers' checkpointed layers drop any cache a layer
     would write, since the backward replay would write it a second time; the prefill then returns
     no cache to share (docs/planning.md)."""
-    return not getattr(model, "is_gradient_checkpointing", False)
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp1 = is_sharded(model) and not any(isinstance(m, FSDPModule) for m in model.modules())
+    return not (getattr(model, "is_gradient_checkpointing", False) or fsdp1)
 
 
 def rows_completion_logits(model: torch.nn.Module, encoded: EncodedPrompts, owners: list[int],

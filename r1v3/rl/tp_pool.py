@@ -3,9 +3,10 @@
 Colocated with FSDP under vLLM's ``external_launcher``, the ``tp`` consecutive ranks of a tensor-
 parallel group run one engine between them, and every rank of the group must submit the same
 requests in the same order (vLLM's colocate mode; TRL pools its prompts the same way). Each r1v3
-rank has its own prompts, so before each engine call the group gathers everyone's prompts, each
-rank submits all of them with the first member's sampling parameters (one seed for the group), and
-keeps the outputs of its own.
+rank has its own prompts, so before each engine call the group gathers everyone's prompts and
+sampling parameters, each rank submits all of them, every prompt with its own rank's parameters
+(seeds included, so a prompt draws the same samples as without pooling), and keeps the outputs of
+its own.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ def new_tp_group(tp: int):
     return group
 
 
-def pooled(group, prompts: Sequence[Any], params: Any, run: Callable[[list, Any], Sequence[Any]]) -> list:
-    """``run(all prompts of the group, the first member's params)`` on every member, which must
-    return one output per prompt; each member gets back the outputs of its own ``prompts``."""
+def pooled(group, prompts: Sequence[Any], params: Any, run: Callable[[list, list], Sequence[Any]]) -> list:
+    """``run(all prompts of the group, each prompt's own member's params)`` on every member, which
+    must return one output per prompt; each member gets back the outputs of its own ``prompts``."""
     members = torch.distributed.get_world_size(group)
     gathered: list = [None] * members
     torch.distributed.all_gather_object(gathered, (list(prompts), params), group=group)
     me = torch.distributed.get_rank(group)
     start = sum(len(p) for p, _ in gathered[:me])
-    outputs = run([p for member, _ in gathered for p in member], gathered[0][1])
+    outputs = run([p for member, _ in gathered for p in member],
+                  [member_params for member, member_params in gathered for _ in member])
     return list(outputs[start:start + len(prompts)])

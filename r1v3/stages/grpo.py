@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 
 from r1v3 import backbone as bb
 from r1v3 import fsdp
-from r1v3.distributed import is_sharded, max_over_ranks
+from r1v3.distributed import max_over_ranks
 from r1v3.encoding import PromptEncoder
 from r1v3.rewards import load_reward
 from r1v3.rl.advantages import group_advantages, soft_overlong_penalty, zero_variance_groups
@@ -195,7 +195,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         The one place a reference comes from, so another kind (a LoRA base) can replace it here."""
         if self.reference is None:
             load = self.load_config
-            sharded = is_sharded(self.model)
+            sharded = fsdp.is_fsdp2(self.model)  # FSDP1 keeps a full copy per rank
             ref = bb.load_backbone(self.model_path, dtype=load.dtype,
                                    device=str(self.device) if sharded else device or str(self.device),
                                    trust_remote_code=load.trust_remote_code, groups=load.groups,

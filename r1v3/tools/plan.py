@@ -212,7 +212,7 @@ def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: fl
 
 def plan_config(configs: list[str], overrides: list[str] = (), model: str | None = None, gpus: int | None = None,
                 gpu_memory_gb: float | None = None, host_memory_gb: float | None = None) -> dict:
-    from r1v3.tools.shapes import count, load_config
+    from r1v3.tools.shapes import load_config
 
     run = run_of(read_config(configs, overrides), gpus)
     source = model or run.model_path
@@ -220,9 +220,23 @@ def plan_config(configs: list[str], overrides: list[str] = (), model: str | None
         raise PlanError("the config names no model.init_args.model_path; pass --model")
     config = load_config(source)
     text = getattr(config, "text_config", config)
-    result = plan(run, count(config), text, gpu_memory_gb * GB if gpu_memory_gb else None,
+    result = plan(run, _counts(source, config), text, gpu_memory_gb * GB if gpu_memory_gb else None,
                   host_memory_gb * GB if host_memory_gb else None)
     return {"model": source, **result}
+
+
+_COUNTED: dict[str, dict] = {}
+
+
+def _counts(source: str, config) -> dict:
+    """``r1v3 shapes``' counts, once per published shape per process (a 38B meta build takes seconds)."""
+    from r1v3.tools.shapes import PUBLISHED, count
+
+    if source not in PUBLISHED:
+        return count(config)
+    if source not in _COUNTED:
+        _COUNTED[source] = count(config)
+    return _COUNTED[source]
 
 
 def machine_memory() -> tuple[float | None, float]:
