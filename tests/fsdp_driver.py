@@ -101,7 +101,8 @@ def compare_prefix(stage) -> dict:
     model.train()
     shared_logp, shared_grad = run(True)
     plain_logp, plain_grad = run(False)
-    return {"logp_gap": float((shared_logp - plain_logp).abs().max()),
+    return {"shares": prefix.shares_prompts(model), "checkpointed": bool(model.is_gradient_checkpointing),
+            "logp_gap": float((shared_logp - plain_logp).abs().max()),
             "logp_scale": float(plain_logp.abs().max()),
             "grad_rel": float((shared_grad - plain_grad).norm() / plain_grad.norm())}
 

@@ -257,16 +257,18 @@ def test_grpo_sharded_ranks_update_in_step(tmp_path, tiny_dirs, synth_dir):
     # fsdp_driver.length_reward gives rank 1 only flat groups: dynamic sampling drops all its rows,
     # so it must pad every micro-batch pass of rank 0's updates. kl_coef loads the reference,
     # sharded, whose passes pad the same way; 2 mini-batches make the old log-probs pass and 2 updates per rollout batch.
+    # Activation checkpointing is on: the shared prompt pass runs checkpointed as well as sharded.
     ranks = launch(tmp_path, stage="grpo", model=str(tiny_dirs["internvl"]), train=str(synth_dir / "train"),
-                   batch_size=2, max_steps=4, lr=1e-3,
+                   batch_size=2, max_steps=4, lr=1e-3, strategy_args={"activation_checkpointing": True},
                    grpo={"mini_batches": 2, "dynamic_sampling": True, "micro_batch_tokens": 64, "kl_coef": 0.05},
                    check_reference=True, check_prefix=True)
     assert [r["global_step"] for r in ranks] == [4, 4]  # 2 rollout batches × 2 updates, on both ranks
     # The reference is sharded like the policy, and gives an unsharded copy's log-probs.
     assert all(r["reference_types"] == ["DTensor"] and r["reference_gap"] < 1e-4 for r in ranks), ranks
-    # The shared prompt pass runs sharded: log-probs and gathered gradients equal the per-row pass
-    # within tests/test_prefix.py's fp32 bounds.
+    # The shared prompt pass runs sharded and checkpointed: log-probs and gathered gradients equal
+    # the per-row pass within tests/test_prefix.py's fp32 bounds.
     for r in ranks:
+        assert r["prefix"]["shares"] and r["prefix"]["checkpointed"], r["prefix"]
         assert r["prefix"]["logp_gap"] <= 1e-5 * r["prefix"]["logp_scale"] and r["prefix"]["grad_rel"] <= 1e-4, r
     assert all(r["param_types"] == ["DTensor"] for r in ranks)
     assert [len(r["steps"]) for r in ranks] == [2, 2]

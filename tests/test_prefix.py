@@ -60,12 +60,20 @@ def loss_and_grads(model, logits, ids, mask, advantages):
 MOE_BF16 = pytest.mark.skip(reason="top-k routing can flip under bf16 rounding; MoE exactness is bounded in fp32")
 
 
-@pytest.mark.parametrize("family, precision", [
-    pytest.param(f, p, marks=MOE_BF16 if p == "bf16" and f.endswith("_moe") else ())
-    for f in FAMILIES + REAL for p in ("fp32", "bf16")])
-def test_shared_prompt_pass_matches_per_row(model_dirs, synth_dir, family, precision):
+# Activation checkpointing replays every layer in the backward; one dense, one M-RoPE and one MoE
+# family cover the cache's replay paths (the FSDP2 test in tests/test_fsdp.py runs it sharded).
+CHECKPOINTED = ("internvl", "qwen2_5_vl_dynamic", "qwen3_vl_moe")
+
+
+@pytest.mark.parametrize("family, precision, checkpointing", [
+    pytest.param(f, p, False, marks=MOE_BF16 if p == "bf16" and f.endswith("_moe") else ())
+    for f in FAMILIES + REAL for p in ("fp32", "bf16")] + [(f, "fp32", True) for f in CHECKPOINTED])
+def test_shared_prompt_pass_matches_per_row(model_dirs, synth_dir, family, precision, checkpointing):
     backbone, encoder, prompts = load(model_dirs, synth_dir, family)
     model, G, T = backbone.model.train(), 3, 9
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert prefix.shares_prompts(model)
     gen = torch.Generator().manual_seed(0)
     # A subset of rows, out of order, one group split: what a micro-batch can hold.
     rows = torch.tensor([4, 0, 2, 5, 3])

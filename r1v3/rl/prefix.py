@@ -8,11 +8,20 @@ and values do not depend on what follows, and autograd sums the G completions' g
 one prompt pass through the cache's ``index_select``. Positions are passed explicitly so each row
 sees the positions it would have had unpadded (multimodal RoPE included), and ``tests/
 test_prefix.py`` checks log-probs and gradients against the plain per-row computation.
+
+Under activation checkpointing each layer runs its forward twice, once more in the backward. The
+passes therefore use a cache that a replay cannot corrupt: the prompt pass stores each layer's keys
+and values the first time only, and the completion pass reads them without appending its own. With
+that, the layers may keep the cache while checkpointed (transformers otherwise drops it, since its
+ordinary cache would grow a second time during the replay).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from r1v3.distributed import is_sharded
 from r1v3.encoding import EncodedPrompts, append_targets
@@ -37,11 +46,62 @@ def prompt_positions(model: torch.nn.Module, tokens: dict, images: dict) -> tupl
     return (mask.long().cumsum(1) - 1).clamp(min=0), real
 
 
-def prefill(model: torch.nn.Module, tokens: dict, images: dict):
-    """One pass over the prompts: (KV cache, logits at each prompt's last token, next positions)."""
+class PromptCache(DynamicCache):
+    """The prompts' keys and values, safe to replay: each layer is stored once (a checkpointed
+    layer's backward replay returns its recomputed states and stores nothing), and a cache made
+    by ``for_rows`` is read-only, so a replayed completion pass sees the same prompt states again."""
+
+    def __init__(self):
+        super().__init__()
+        self.stored: set[int] = set()
+        self.read_only = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.read_only:
+            layer = self.layers[layer_idx]
+            return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+        if layer_idx in self.stored:
+            return key_states, value_states
+        self.stored.add(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def for_rows(self, prompt_index: torch.Tensor) -> "PromptCache":
+        """A read-only cache whose row i is prompt ``prompt_index[i]``; differentiable, so the rows'
+        gradients sum back into their prompt's pass."""
+        rows = PromptCache()
+        for layer in self.layers:
+            copy = DynamicLayer()
+            copy.lazy_initialization(layer.keys, layer.values)
+            copy.keys, copy.values = layer.keys[prompt_index], layer.values[prompt_index]
+            rows.layers.append(copy)
+        rows.read_only = True
+        return rows
+
+
+def prefill(model: torch.nn.Module, tokens: dict, images: dict, cache=None):
+    """One pass over the prompts: (KV cache, logits at each prompt's last token, next positions).
+    Without ``cache`` the model's own (growable, for generation) is used."""
     positions, following = prompt_positions(model, tokens, images)
-    out = model(**tokens, **images, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1], following
+    out = model(**tokens, **images, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **({"past_key_values": cache} if cache is not None else {}))
+    return out.past_key_values if cache is None else cache, out.logits[:, -1], following
+
+
+@contextlib.contextmanager
+def _layers_keep_cache(model: torch.nn.Module):
+    """Let checkpointed layers receive the (replay-safe) ``PromptCache``. The flag is transformers'
+    own opt-in for layers that replay safely; it is read when the layer is called, so it is only
+    needed during the forwards."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache
 
 
 def completion_logits(model: torch.nn.Module, tokens: dict, images: dict, prompt_index: torch.Tensor,
@@ -49,27 +109,28 @@ def completion_logits(model: torch.nn.Module, tokens: dict, images: dict, prompt
     """Logits [N, T, V] that predicted each completion token: row i continues prompt
     ``prompt_index[i]`` of the (left-padded) ``tokens``/``images`` batch with ``completion_ids[i]``
     (right-padded, ``completion_mask`` 1 on real tokens)."""
-    cache, first, following = prefill(model, tokens, images)
-    cache.batch_select_indices(prompt_index)  # differentiable: gradients sum back per prompt
     width = completion_ids.shape[1]
-    if width == 1 and not is_sharded(model):
-        return first[prompt_index, None]
-    # Token t is predicted at token t-1's position; the prompt's last position predicted token 0.
-    # Sharded, every micro-batch runs both forwards (collectives), so a batch of one-token
-    # completions still runs the continuation, on one masked token whose logits are dropped.
-    feed = completion_ids[:, :-1] if width > 1 else completion_ids
-    fed_mask = completion_mask[:, :-1] if width > 1 else torch.zeros_like(completion_mask)
-    mask = torch.cat([tokens["attention_mask"][prompt_index], fed_mask.to(tokens["attention_mask"])], 1)
-    positions = following[prompt_index, None] + torch.arange(feed.shape[1], device=feed.device)
-    out = model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    with _layers_keep_cache(model):
+        prompts, first, following = prefill(model, tokens, images, PromptCache())
+        if width == 1 and not is_sharded(model):
+            return first[prompt_index, None]
+        # Token t is predicted at token t-1's position; the prompt's last position predicted token 0.
+        # Sharded, every micro-batch runs both forwards (collectives), so a batch of one-token
+        # completions still runs the continuation, on one masked token whose logits are dropped.
+        feed = completion_ids[:, :-1] if width > 1 else completion_ids
+        fed_mask = completion_mask[:, :-1] if width > 1 else torch.zeros_like(completion_mask)
+        mask = torch.cat([tokens["attention_mask"][prompt_index], fed_mask.to(tokens["attention_mask"])], 1)
+        positions = following[prompt_index, None] + torch.arange(feed.shape[1], device=feed.device)
+        out = model(input_ids=feed, attention_mask=mask, position_ids=positions,
+                    past_key_values=prompts.for_rows(prompt_index), use_cache=True)
     return torch.cat([first[prompt_index, None], out.logits], 1)[:, :width]
 
 
 def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict, completion_ids: torch.Tensor,
                               completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
     """The straightforward computation ``completion_logits`` must equal: each row's prompt (row i
-    of ``tokens``/``images``) and completion run whole. Used where a cache cannot be shared: with
-    gradient checkpointing (HF drops the cache in training)."""
+    of ``tokens``/``images``) and completion run whole. Used where a cache cannot be shared: under
+    FSDP1, and with a transformers too old to let checkpointed layers keep a cache."""
     width = completion_ids.shape[1]
     targets = [row[: int(n)].tolist() for row, n in zip(completion_ids, completion_mask.sum(1))]
     inputs, _, start = append_targets({k: v.cpu() for k, v in tokens.items()}, targets, pad_id)
@@ -82,13 +143,15 @@ def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict
 def shares_prompts(model: torch.nn.Module) -> bool:
     """Whether a group's rows can share one prompt pass: yes, sharded with FSDP2 or not (FSDP2 runs
     the two forwards and one backward like any module; tests/test_fsdp.py checks the gradients),
-    except under FSDP1 (untested) and gradient checkpointing. There transformers' checkpointed layers drop any cache a layer
-    would write, since the backward replay would write it a second time; the prefill then returns
-    no cache to share (docs/planning.md)."""
+    with activation checkpointing or not, except under FSDP1 (untested) and, with checkpointing, on
+    a transformers whose checkpointed layers cannot keep a cache (before the opt-in flag)."""
     from torch.distributed.fsdp import FSDPModule
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
     fsdp1 = is_sharded(model) and not any(isinstance(m, FSDPModule) for m in model.modules())
-    return not (getattr(model, "is_gradient_checkpointing", False) or fsdp1)
+    checkpointed_without_cache = (getattr(model, "is_gradient_checkpointing", False)
+                                  and not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"))
+    return not (fsdp1 or checkpointed_without_cache)
 
 
 def rows_completion_logits(model: torch.nn.Module, encoded: EncodedPrompts, owners: list[int],
