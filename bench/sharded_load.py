@@ -57,7 +57,6 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, mode: str, dtype
 
     from r1v3.backbone import load_backbone
     from r1v3.fsdp import shard_backbone
-    from r1v3.sharded_load import materialize
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -65,19 +64,25 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, mode: str, dtype
     torch.set_num_threads(1)
     dist.barrier()
     baseline = anon_kb()
-    largest = 0
     with Peak() as peak:
         model = load_backbone(model_dir, dtype=dtype, on_meta=mode == "sharded").model
-        shard_backbone(model, mesh)
-        if "_r1v3_checkpoint_keys" in model.__dict__:
-            largest = materialize(model, "cpu")
+        shard_backbone(model, mesh)  # on the meta device: reads this rank's rows
     shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    # The sharded load reads one rank's rows of one tensor at a time, in the file's dtype.
+    largest = max(p.to_local().numel() for p in model.parameters()) * file_itemsize(model_dir) if mode == "sharded" else 0
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     record = {"rank": rank, "peak_above_baseline_mb": (peak.peak - baseline) / 1024, "shard_mb": shard / 2**20,
               "largest_slice_mb": largest / 2**20, "full_model_mb": full / 2**20, "baseline_mb": baseline / 1024}
     Path(out, f"{mode}-{rank}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def file_itemsize(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(next(Path(model_dir).glob("*.safetensors"))), "pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).element_size()
 
 
 def free_port() -> int:

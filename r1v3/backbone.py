@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from r1v3.distributed import clean_name
 from r1v3.encoding import multimodal_tokens
 from r1v3.errors import BackboneError
 from r1v3.processors import check_model_path, load_processor
@@ -135,7 +136,7 @@ def split_parameters(model: torch.nn.Module, groups: Mapping[str, Sequence[str]]
     out: dict[str, list] = {g: [] for g in groups}
     unmatched = []
     for name, param in model.named_parameters():
-        group = group_of(_clean_name(name), groups)
+        group = group_of(clean_name(name), groups)
         if group is None:
             unmatched.append(name)
         else:
@@ -147,13 +148,6 @@ def split_parameters(model: torch.nn.Module, groups: Mapping[str, Sequence[str]]
             "'{vision: [model.vision_tower.], connector: [model.multi_modal_projector.], "
             "llm: [model.language_model., lm_head.]}'`.")
     return out
-
-
-def _clean_name(name: str) -> str:
-    # FSDP/activation-checkpoint wrappers insert these path components.
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(wrapper, "")
-    return name
 
 
 def resolve_groups(family: str, groups: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:

@@ -17,6 +17,22 @@ def is_sharded(model: torch.nn.Module | None) -> bool:
     return model is not None and any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
 
 
+# Path components that FSDP1, activation-checkpoint wrappers and torch.compile insert into names.
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as the unwrapped model (and its checkpoint) spells it."""
+    for wrapper in _WRAPPERS:
+        name = name.replace(wrapper, "")
+    return name
+
+
+def is_fsdp2(model: torch.nn.Module | None) -> bool:
+    """Sharded with FSDP2 (``fully_shard``), not FSDP1."""
+    return model is not None and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

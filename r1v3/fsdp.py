@@ -29,7 +29,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from r1v3.errors import BackboneError
 from r1v3.moe import write_released_layout
 from r1v3.processors import save_processor
-from r1v3.distributed import is_sharded, max_over_ranks, synced_generate, world_size  # noqa: F401
+from r1v3.distributed import is_fsdp2, is_sharded, max_over_ranks, synced_generate, world_size  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,10 @@ def sharding_units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 def shard_backbone(model: torch.nn.Module, mesh, *, mixed_precision: str = "none", cpu_offload: bool = False,
-                   reshard_after_forward: bool = True) -> torch.nn.Module:
+                   reshard_after_forward: bool = True, device: torch.device | str | None = None) -> torch.nn.Module:
     """``fully_shard`` each unit (decoder layer, vision block, MoE layer), then the root, over the 1-D
-    ``mesh``.
+    ``mesh``. A model built on the meta device (``load_backbone(on_meta=True)``) then gets its
+    shards allocated on ``device`` (default: the mesh's device type) and read from the checkpoint.
 
     Sharding is bottom-up: a ``fully_shard`` call takes the parameters not yet claimed by a call on
     a submodule (torch docs of ``fully_shard``), so the root unit holds embeddings, norms, the
@@ -228,12 +229,12 @@ def shard_backbone(model: torch.nn.Module, mesh, *, mixed_precision: str = "none
         # gathered the root's parameters (mixed Tensor/DTensor error). Without that shortcut the
         # images are encoded inside the prefill forward, as in training.
         model._supports_mm_encoder_outputs = lambda: False
+    if "_r1v3_checkpoint_keys" in model.__dict__:  # built on the meta device: read this rank's rows
+        from r1v3.sharded_load import materialize
+
+        largest = materialize(model, device or mesh.device_type)
+        rank_zero_info(f"[r1v3] sharded load: each rank read its own rows (largest slice {largest / 2**20:.1f} MB)")
     return model
-
-
-def is_fsdp2(model: torch.nn.Module | None) -> bool:
-    """Sharded with FSDP2 (``fully_shard``), not FSDP1."""
-    return model is not None and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def loads_sharded(strategy: Any) -> bool:
@@ -257,13 +258,7 @@ def configure_sharding(module) -> None:
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     if getattr(strategy, "activation_checkpointing", False) and not module.load_config.gradient_checkpointing:
         enable_activation_checkpointing(module.model)
-    shard_backbone(module.model, strategy.device_mesh["data_parallel"], **opts)
-    if "_r1v3_checkpoint_keys" in module.model.__dict__:  # built on the meta device: read this rank's rows
-        from r1v3.sharded_load import materialize
-
-        largest = materialize(module.model, strategy.root_device)
-        rank_zero_info(f"[r1v3] sharded load of {module.model_path}: each rank read its own rows "
-                       f"(largest slice {largest / 2**20:.1f} MB)")
+    shard_backbone(module.model, strategy.device_mesh["data_parallel"], device=strategy.root_device, **opts)
     if strategy.world_size > 1:
         keep_vision_in_step(module.model, module.processor)
     if opts.get("mixed_precision") == "bf16":
@@ -279,11 +274,7 @@ def shard_reference(model: torch.nn.Module, module, cpu_offload: bool = False) -
     strategy = module.trainer.strategy
     shard_backbone(model, strategy.device_mesh["data_parallel"],
                    mixed_precision=getattr(strategy, "mixed_precision", "none"), cpu_offload=cpu_offload,
-                   reshard_after_forward=True)
-    if "_r1v3_checkpoint_keys" in model.__dict__:  # built on the meta device
-        from r1v3.sharded_load import materialize
-
-        materialize(model, strategy.root_device)
+                   reshard_after_forward=True, device=strategy.root_device)
     if strategy.world_size > 1:
         keep_vision_in_step(model, module.processor)
     return model
@@ -361,7 +352,7 @@ def export_sharded(module, out: Path) -> Path:
     gathers the model; a checkpoint layout that is not a renaming of the parameters (per-expert
     files) falls back to gathering on rank 0. Rank 0 then writes the config and processor."""
     model = module.model
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+    if is_fsdp2(model):
         from r1v3.sharded_load import save_sharded
 
         if save_sharded(model, out):

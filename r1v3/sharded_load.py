@@ -93,7 +93,7 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> int:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from r1v3.rl.weight_sync import clean_name
+    from r1v3.distributed import clean_name
 
     keys = model.__dict__.pop("_r1v3_checkpoint_keys")
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -138,7 +138,7 @@ def save_sharded(model: torch.nn.Module, out: str | Path) -> bool:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from transformers.core_model_loading import revert_weight_conversion
 
-    from r1v3.rl.weight_sync import clean_name
+    from r1v3.distributed import clean_name
 
     state = {}
     for name, param in model.named_parameters():  # a tied weight once, as save_pretrained stores it

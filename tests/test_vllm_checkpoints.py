@@ -34,11 +34,10 @@ def test_greedy_parity_and_agreement_with_real_image_settings(preset_dirs, prese
     from r1v3.rl.vllm_engine import VLLMConfig
     from r1v3.stages.grpo import GRPOStage
 
-    real_dirs = preset_dirs
-    stage = GRPOStage(str(real_dirs[preset]))
+    stage = GRPOStage(str(preset_dirs[preset]))
     stage.setup("fit")
     stage.configure_model()
-    engine = build_engine("vllm", model_dir=str(real_dirs[preset]), model=None, encoder=stage.encoder,
+    engine = build_engine("vllm", model_dir=str(preset_dirs[preset]), model=None, encoder=stage.encoder,
                           tokenizer=stage.tokenizer, vllm_config=VLLMConfig(max_model_len=1024),
                           family=stage.backbone.family, group_of=stage.backbone.group_of,
                           suppress_tokens=stage.placeholder_ids)

@@ -23,7 +23,7 @@ import contextlib
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from r1v3.distributed import is_sharded
+from r1v3.distributed import is_fsdp2, is_sharded
 from r1v3.encoding import EncodedPrompts, append_targets
 
 
@@ -145,10 +145,9 @@ def shares_prompts(model: torch.nn.Module) -> bool:
     the two forwards and one backward like any module; tests/test_fsdp.py checks the gradients),
     with activation checkpointing or not, except under FSDP1 (untested) and, with checkpointing, on
     a transformers whose checkpointed layers cannot keep a cache (before the opt-in flag)."""
-    from torch.distributed.fsdp import FSDPModule
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    fsdp1 = is_sharded(model) and not any(isinstance(m, FSDPModule) for m in model.modules())
+    fsdp1 = is_sharded(model) and not is_fsdp2(model)
     checkpointed_without_cache = (getattr(model, "is_gradient_checkpointing", False)
                                   and not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"))
     return not (fsdp1 or checkpointed_without_cache)

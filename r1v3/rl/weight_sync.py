@@ -15,14 +15,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from r1v3.distributed import clean_name
+
 _BLOCK = re.compile(r"^(.*?\.(?:layers|blocks|layer)\.\d+)\.")
-_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def clean_name(name: str) -> str:
-    for wrapper in _WRAPPERS:
-        name = name.replace(wrapper, "")
-    return name
 
 
 def unit_of(name: str) -> str:
