@@ -7,7 +7,9 @@ against every rank loading the whole checkpoint first (the path before it).
 Each rank runs in its own process (gloo). It samples its anonymous resident memory (``RssAnon``:
 pages of the memory-mapped safetensors files are shared page cache, which plain RSS would count)
 every 2 ms from just before the load until the model is sharded and filled, and reports the peak
-above its baseline beside its shard's size and the largest slice it read. Prints one JSON line.
+above its baseline beside its shard's size and the largest slice it read. In the sharded mode it
+then writes the consolidated HF export (``r1v3.sharded_load.save_sharded``) and reports that
+step's peak above the loaded model's memory. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, mode: str, dtype
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     record = {"rank": rank, "peak_above_baseline_mb": (peak.peak - baseline) / 1024, "shard_mb": shard / 2**20,
               "largest_slice_mb": largest / 2**20, "full_model_mb": full / 2**20, "baseline_mb": baseline / 1024}
+    if mode == "sharded":  # the consolidated HF export, from the sharded model, without a gather
+        from r1v3.sharded_load import save_sharded
+
+        before = anon_kb()
+        with Peak() as peak:
+            save_sharded(model, Path(out, "export"))
+        record["export_peak_above_loaded_mb"] = (peak.peak - before) / 1024
+        if rank == 0:
+            record["export_files_mb"] = sorted(round(f.stat().st_size / 2**20)
+                                               for f in Path(out, "export").glob("*.safetensors"))
     Path(out, f"{mode}-{rank}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()

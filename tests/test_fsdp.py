@@ -366,8 +366,13 @@ def test_sharded_load_holds_a_shard_and_one_slice(tmp_path, capsys):
         bound = sharded["shard_mb"] + sharded["largest_slice_mb"]
         assert sharded["peak_above_baseline_mb"] <= 1.1 * bound, sharded
         assert full["peak_above_baseline_mb"] >= full["full_model_mb"], full
+        # The consolidated export stages this rank's shard once more, never the whole model
+        # (rank 0's file-by-file consolidation included).
+        assert sharded["export_peak_above_loaded_mb"] <= 1.1 * sharded["shard_mb"] + 16, sharded
+    assert result["sharded"][0]["export_files_mb"] == [pytest.approx(result["sharded"][0]["full_model_mb"], rel=0.01)]
     with capsys.disabled():
         print("\nsharded load, per rank: peak", [round(r["peak_above_baseline_mb"]) for r in result["sharded"]],
               "MB (shard", round(result["sharded"][0]["shard_mb"]), "MB + slice",
               round(result["sharded"][0]["largest_slice_mb"]), "MB); whole-checkpoint load:",
-              [round(r["peak_above_baseline_mb"]) for r in result["full"]], "MB")
+              [round(r["peak_above_baseline_mb"]) for r in result["full"]], "MB; export above the loaded model:",
+              [round(r["export_peak_above_loaded_mb"]) for r in result["sharded"]], "MB")

@@ -4,10 +4,10 @@ its model built on the meta device (``r1v3 shapes``), before anything is loaded.
 The model of memory (docs/planning.md gives each term's formula and source):
 - parameters, gradients and AdamW states are sharded over all ranks by FSDP2 (float32 master
   weights under ``mixed_precision: bf16``, as r1v3 keeps them);
-- activations per token and decoder layer follow Korthikanti et al. 2022 (arXiv 2205.05198, §4),
-  adapted to SwiGLU MLPs and grouped-query attention, without the attention-score term (SDPA and
-  flash attention keep no score matrix); with checkpointing, one layer input per layer plus one
-  layer recomputed;
+- activations per token and decoder layer are the tensors autograd saves, counted as Korthikanti
+  et al. 2022 (arXiv 2205.05198, §4) count them, for SwiGLU MLPs, grouped-query attention and
+  float32 norms, without the attention-score term (SDPA and flash attention keep no score matrix);
+  with checkpointing, one layer input per layer plus one layer recomputed;
 - the logits are materialised for the whole micro-batch (compute dtype, a float32 copy and its
   log-softmax);
 - the KL reference is sharded like the policy under FSDP2 (a full copy per rank without it);
@@ -86,6 +86,7 @@ class Run:
     micro_batch_tokens: int = 8192
     rollout: str = "hf"
     vllm: dict = field(default_factory=dict)
+    attn_implementation: str = "sdpa"
 
 
 def run_of(config: dict, gpus: int | None = None) -> Run:
@@ -114,23 +115,33 @@ def run_of(config: dict, gpus: int | None = None) -> Run:
         checkpointing=bool(load.get("gradient_checkpointing") or strategy_args.get("activation_checkpointing")),
         cpu_offload=bool(strategy_args.get("cpu_offload")),
         optimizer=str((args.get("optimizer") or {}).get("name", "adamw")), kl_coef=float(args.get("kl_coef", 0.0)),
-        micro_batch_tokens=tokens, rollout=str(args.get("rollout", "hf")), vllm=dict(args.get("vllm") or {}))
+        micro_batch_tokens=tokens, rollout=str(args.get("rollout", "hf")), vllm=dict(args.get("vllm") or {}),
+        attn_implementation=str(load.get("attn_implementation") or "sdpa"))
 
 
-def layer_activation_bytes(text, compute: int) -> float:
-    """Bytes one decoder layer keeps per token for backward (no checkpointing): Korthikanti et al.'s
-    per-layer sum with the score matrix dropped, for a SwiGLU MLP (input, gate, up and activated
-    outputs) and grouped-query attention (input, q, k, v, attention output, o_proj input), plus
-    both norms' inputs. A mixture of experts keeps top_k experts' MLP activations per token."""
+def layer_activation_bytes(text, compute: int, native_gqa: bool = False) -> float:
+    """Bytes one decoder layer keeps per token for backward (no checkpointing): the tensors autograd
+    saves, counted as Korthikanti et al. count them, without the score matrix (SDPA and flash
+    attention keep none).
+    - attention: the projections' input, q, k and v as the kernel saves them (repeated to every
+      query head unless the kernel handles grouped-query attention itself: flash-attn does; SDPA
+      does so only without a padding mask, so the bound takes the repeat), the output and o_proj's
+      input;
+    - SwiGLU MLP: the input, the gate and up outputs, the activated gate and their product;
+    - two RMSNorms, each keeping its input and normalised output in float32 (transformers
+      upcasts), and under 16-bit compute the normalised output cast back.
+    A mixture of experts keeps top_k experts' MLP activations per token."""
     h = text.hidden_size
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or h // heads
-    kv = text.num_key_value_heads * head_dim
+    q = heads * head_dim
+    kv = text.num_key_value_heads * head_dim if native_gqa else q
     inner = getattr(text, "moe_intermediate_size", 0) * getattr(text, "num_experts_per_tok", 0) \
         or text.intermediate_size
-    attention = h + 2 * heads * head_dim + 2 * kv
-    mlp = h + 3 * inner
-    return compute / 2 * 2 * (attention + mlp + 2 * h)
+    attention = h + q + 2 * kv + q + h
+    mlp = h + 4 * inner
+    norms = 2 * h * (8 + (compute if compute < 4 else 0))
+    return compute * (attention + mlp) + norms
 
 
 def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: float | None) -> dict:
@@ -143,7 +154,7 @@ def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: fl
     optimizer_bytes = {"adamw": 2 * master, "adamw8bit": 2}[run.optimizer]
     layers = text.num_hidden_layers
     tokens = run.micro_batch_tokens
-    per_layer = layer_activation_bytes(text, compute)
+    per_layer = layer_activation_bytes(text, compute, native_gqa=run.attn_implementation == "flash_attention_2")
     activations = (tokens * (layers * compute * text.hidden_size + per_layer) if run.checkpointing
                    else tokens * layers * per_layer)
     largest_unit = max((u["largest"] for u in counts["fsdp_units"].values()), default=0)
@@ -206,7 +217,8 @@ def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: fl
                    f"({source[largest] / GB:.1f} GB)")
     return {"stage": run.stage, "ranks": run.ranks, "sharded": run.sharded, "total_params": total, "trainable_params": trainable,
             "terms_gb": {k: round(v / GB, 3) for k, v in {**terms, **host_terms}.items()},
-            "device_peak_gb": round(device_peak / GB, 3), "host_per_node_gb": round(host_per_node / GB, 3),
+            "device_peak_gb": round(device_peak / GB, 3), "host_per_rank_gb": round(host_per_rank / GB, 3),
+            "host_per_node_gb": round(host_per_node / GB, 3),
             "fits": not problems, "verdict": verdict}
 
 
