@@ -33,14 +33,9 @@ import threading
 import time
 from pathlib import Path
 
+from sharded_load import anon_kb
+
 CASES = ("sft-1", "sft-2", "grpo-1", "grpo-2")
-
-
-def anon_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    return 0
 
 
 class Sampler:

@@ -8,7 +8,8 @@ of exactly ``--max-new-tokens`` tokens for ``--prompts`` prompts, on-policy, Ada
 with ``torch.utils.flop_counter.FlopCounterMode`` on odd ones. The prompts are the same every step
 (a one-batch dataset), so counted and timed updates do the same work; ``flops_spread`` shows it.
 FLOPs are counted on the real step, vision tower included, not estimated as 6·params·tokens. The
-same process then times a 2048² matmul in bf16 and fp32: the peak the update is measured against.
+same process then times a 2048² matmul in bf16 and fp32 (smaller where one would take over 0.25 s):
+the peak the update is measured against.
 """
 
 from __future__ import annotations
@@ -50,19 +51,30 @@ def distinct_chars_reward(items):
     return [{"reward": len(set(it["response"])) / (len(it["response"]) + 1)} for it in items]
 
 
-def matmul_peak(dtype, n: int = 2048, repeats: int = 20) -> float:
-    """Median GFLOP/s of an n×n matmul."""
+def matmul_peak(dtype, n: int = 2048, repeats: int = 20, budget_s: float = 0.25) -> float:
+    """Median GFLOP/s of an n×n matmul, at the largest n (up to ``n``) whose single matmul takes
+    under ``budget_s``: a CPU without native bf16 (no AVX-512-BF16/AMX) runs bf16 matmuls in a
+    slow reference path, where one 2048² product takes ~45 s."""
     import torch
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
+    size = 256
+    while True:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        t0 = time.perf_counter()
+        a @ b
+        if size >= n or time.perf_counter() - t0 > budget_s / 8:  # the next size costs 8x
+            break
+        size *= 2
+    for _ in range(2):
         a @ b
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+        if sum(times) > 20 * budget_s:
+            break
+    return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
 def run_one(args) -> dict:

@@ -96,14 +96,15 @@ def compare_prefix(stage) -> dict:
         loss.backward()
         grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                  for p in model.parameters() if p.grad is not None]
-        return (logp.detach() * mask), torch.cat([g.flatten() for g in grads])
+        return (logp.detach() * mask), float(loss), torch.cat([g.flatten() for g in grads])
 
     model.train()
-    shared_logp, shared_grad = run(True)
-    plain_logp, plain_grad = run(False)
+    shared_logp, shared_loss, shared_grad = run(True)
+    plain_logp, plain_loss, plain_grad = run(False)
     return {"shares": prefix.shares_prompts(model), "checkpointed": bool(model.is_gradient_checkpointing),
             "logp_gap": float((shared_logp - plain_logp).abs().max()),
-            "logp_scale": float(plain_logp.abs().max()),
+            "logp_scale": float(plain_logp.abs().max()), "loss_gap": abs(shared_loss - plain_loss),
+            "loss_scale": abs(plain_loss),
             "grad_rel": float((shared_grad - plain_grad).norm() / plain_grad.norm())}
 
 

@@ -44,7 +44,10 @@ def test_update_flops_smoke(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["updates_timed"] == 2 and result["flops_spread"] == 0.0  # same work every update
     assert result["update_gflop"] > 0 and result["peak_bf16_gflops"] > 0
-    assert 0 < result["share_of_bf16_peak"] < 1 and "mm" in result["gflop_by_op"]
+    # Against its own precision's peak the update stays below 1; against bf16's it need not, where
+    # the CPU has no native bf16 (AVX-512-BF16/AMX) and bf16 matmuls run in a slow reference path.
+    assert result["share_of_bf16_peak"] > 0 and 0 < result["share_of_own_precision_peak"] < 1
+    assert "mm" in result["gflop_by_op"]
 
 
 def test_memory_8bit_smoke(tmp_path):

@@ -270,6 +270,7 @@ def test_grpo_sharded_ranks_update_in_step(tmp_path, tiny_dirs, synth_dir):
     for r in ranks:
         assert r["prefix"]["shares"] and r["prefix"]["checkpointed"], r["prefix"]
         assert r["prefix"]["logp_gap"] <= 1e-5 * r["prefix"]["logp_scale"] and r["prefix"]["grad_rel"] <= 1e-4, r
+        assert r["prefix"]["loss_gap"] <= 1e-5 * max(r["prefix"]["loss_scale"], 1e-3), r["prefix"]
     assert all(r["param_types"] == ["DTensor"] for r in ranks)
     assert [len(r["steps"]) for r in ranks] == [2, 2]
     assert all(s["padded_micro_batches"] == 0 for s in ranks[0]["steps"])
