@@ -61,13 +61,14 @@ def test_memory_8bit_smoke(tmp_path):
     assert fused["breakdown_bytes_per_param"]["gradients"] == 0.0  # freed inside the backward
     assert fused["breakdown_bytes_per_param"]["optimizer_state"] > 0
 
-def test_plan_accuracy_smoke(tmp_path):
+def test_plan_accuracy_smoke(tmp_path, monkeypatch):
     # One GRPO case on 1 process: the plan and the measured peak come from the same run config.
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "plan_accuracy.py"), "--size", "tiny", "--steps", "1",
-                          "--cases", "grpo-1", "--new-tokens", "8", "--group", "2", "--workdir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # In-process (the run itself is still a child process): one interpreter start less.
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import plan_accuracy
+
+    result = plan_accuracy.main(["--size", "tiny", "--steps", "1", "--cases", "grpo-1", "--new-tokens", "4",
+                                 "--group", "2", "--prompts", "1", "--trace-words", "2", "--workdir", str(tmp_path)])
     (case,) = result["cases"]
     assert case["case"] == "grpo-1" and case["predicted_mb"] > 0 and case["measured_peak_mb"][0] > 0
     assert case["terms_gb"]["activations"] > 0 and result["prompt_tokens"] > 16  # image tokens included

@@ -186,27 +186,37 @@ def test_resume_from_sharded_checkpoint_directory(tmp_path, tiny_dirs, equal_len
         "epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
 
 
+@pytest.fixture(scope="module")
+def short_epoch_dir(tmp_path_factory) -> Path:
+    """16 equal-length samples: an epoch short enough to run twice in a test."""
+    from r1v3.data_modules.synthetic import generate
+
+    samples = [dict(s, id=f"se{i:03d}", trace="I see one shape.", answer="A")
+               for i, s in enumerate(generate(16, ("colour",), seed=1))]
+    return write_samples(samples, tmp_path_factory.mktemp("short_epoch"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("before, after, steps_before", [(2, 1, 2), (1, 2, 4)])
-def test_resume_on_another_world_size(tmp_path, tiny_dirs, equal_length_dir, before, after, steps_before):
+def test_resume_on_another_world_size(tmp_path, tiny_dirs, short_epoch_dir, before, after, steps_before):
     """Stop a sharded SFT run and resume it on another number of processes: the checkpoint is
-    resharded on load and the rest of the epoch's 32 samples is re-split over the new ranks, so
+    resharded on load and the rest of the epoch's 16 samples is re-split over the new ranks, so
     over both runs every sample is seen exactly once."""
-    common = dict(stage="sft", model=str(tiny_dirs["internvl"]), train=str(equal_length_dir), batch_size=2,
+    common = dict(stage="sft", model=str(tiny_dirs["internvl"]), train=str(short_epoch_dir), batch_size=2,
                   lr=2e-3, ckpt_dir=str(tmp_path / "ckpt"))
     first = launch(tmp_path / "first", devices=before, max_steps=steps_before, **common)
-    remaining = (32 - steps_before * 2 * before) // (2 * after)
+    remaining = (16 - steps_before * 2 * before) // (2 * after)
     # 2 -> 1 also runs the whole next epoch: its length must be a full epoch's again, not the
     # resumed epoch's (the done + re-split batches Lightning was told).
-    next_epoch = 32 // (2 * after) if after < before else 0
+    next_epoch = 16 // (2 * after) if after < before else 0
     resumed = launch(tmp_path / "resumed", devices=after, max_steps=steps_before + remaining + next_epoch,
                      ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **common)
     assert all(r["global_step"] == steps_before + remaining + next_epoch for r in resumed)
     seen = [i for r in first for step in r["steps"] for i in step["ids"]]
     seen += [i for r in resumed for step in r["steps"][:remaining] for i in step["ids"]]
-    assert len(seen) == len(set(seen)) == 32
+    assert len(seen) == len(set(seen)) == 16
     epoch_1 = [i for r in resumed for step in r["steps"][remaining:] for i in step["ids"]]
-    assert len(epoch_1) == len(set(epoch_1)) == (32 if next_epoch else 0), "the next epoch is whole again"
+    assert len(epoch_1) == len(set(epoch_1)) == (16 if next_epoch else 0), "the next epoch is whole again"
     assert all(step["loss"] > 0 for r in resumed for step in r["steps"])
 
 
