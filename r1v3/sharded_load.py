@@ -82,6 +82,14 @@ def build_on_meta(path: str | Path, config, dtype: torch.dtype, attn_implementat
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(path))
+    # transformers picks a from_config model's renamings by its class when saving; once sharded,
+    # FSDP2 has swapped that class and the export's names came out mangled
+    # (model.language_model.model.layers.*). Pinned here, as from_pretrained pins them.
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    model._weight_conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                                 if not isinstance(c, PrefixChange)]
     model._r1v3_checkpoint_keys = keys
     return model
 

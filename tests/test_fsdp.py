@@ -157,6 +157,17 @@ def test_export_from_sharded_run_loads_in_transformers(tiny_dirs, sharded_sft):
     initial = AutoModelForImageTextToText.from_pretrained(tiny_dirs["internvl"]).state_dict()
     assert any(not torch.equal(exported[k], initial[k]) for k in initial), "the export holds trained weights"
     assert (out / "hf" / "processor_config.json").exists()
+    assert stored_keys(out / "hf") == stored_keys(tiny_dirs["internvl"]), "the base checkpoint's tensor names"
+
+
+def stored_keys(model_dir: Path) -> set[str]:
+    from safetensors import safe_open
+
+    keys = set()
+    for file in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            keys |= set(f.keys())
+    return keys
 
 
 @pytest.mark.slow
