@@ -52,6 +52,11 @@ class KLMonitor(Callback):
         self.history: list[dict] = []  # {"step", "k1", "k2", "k3"} per measurement
         self._above: set[str] = set()
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Runs before the model is built: a LoRA policy then keeps what its reference needs.
+        if hasattr(pl_module, "wants_reference"):
+            pl_module.wants_reference = True
+
     @staticmethod
     def estimates(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
         """Token-mean k1/k2/k3 estimates of KL(π‖π_ref) from samples of π."""

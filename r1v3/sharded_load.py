@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -102,6 +103,7 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> int:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     from r1v3.distributed import clean_name
+    from r1v3.lora import is_adapter_param, unadapted
 
     keys = model.__dict__.pop("_r1v3_checkpoint_keys")
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -113,7 +115,10 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> int:
     try:
         with torch.no_grad():
             for name, param in model.named_parameters():
-                file, key = keys[clean_name(name)]
+                if is_adapter_param(name):  # a LoRA tensor, not in the checkpoint: peft's start values
+                    init_adapter_shard(name, param.to_local() if isinstance(param, DTensor) else param.data)
+                    continue
+                file, key = keys[unadapted(clean_name(name))]
                 if file not in files:
                     files[file] = safe_open(file, "pt")
                 stored = files[file].get_slice(key)
@@ -133,6 +138,16 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> int:
     finally:
         files.clear()
     return largest
+
+
+def init_adapter_shard(name: str, local: torch.Tensor) -> None:
+    """peft's default start of a LoRA linear (``reset_lora_parameters``): A Kaiming-uniform with
+    a = √5, B zero, so the adapted model starts as the base. A is sharded by rows (rank), so each
+    rank's rows draw from the same distribution as a whole A would."""
+    if ".lora_B." in name:
+        local.zero_()
+    else:
+        torch.nn.init.kaiming_uniform_(local, a=math.sqrt(5))
 
 
 def save_sharded(model: torch.nn.Module, out: str | Path) -> bool:

@@ -117,7 +117,10 @@ def main(spec_path: str) -> None:
 
     torch.manual_seed(0)
     optimizer = OptimizerConfig(lr=spec.get("lr", 1e-3), warmup_ratio=0.0, schedule="constant")
+    from r1v3.lora import LoraConfig
+
     common = dict(trainable=spec.get("trainable", ["vision", "connector", "llm"]), optimizer=optimizer,
+                  lora=LoraConfig(**spec.get("lora", {})),
                   export_dir=spec.get("export_dir"), load=LoadConfig(
                       dtype=spec.get("dtype", "float32"), router_aux_loss_coef=spec.get("router_aux_loss_coef")))
     if spec["stage"] == "grpo":
@@ -176,7 +179,8 @@ def main(spec_path: str) -> None:
         sharded = stage.reference_logprobs(step)  # a collective: every rank runs it
         plain = stage.reference_logprobs(step, model=load_backbone(spec["model"]).model.eval())
         mask = step.rollouts.completion_mask.bool()
-        record["reference_types"] = sorted({type(p).__name__ for p in stage.reference[0].parameters()})
+        record["reference_types"] = sorted({type(p).__name__ for p in stage.reference_model().parameters()})
+        record["reference_is_policy"] = stage.reference_model() is stage.model
         record["reference_gap"] = float((sharded - plain)[mask].abs().max())
     if spec.get("check_prefix"):
         record["prefix"] = compare_prefix(stage)

@@ -50,6 +50,18 @@ def test_update_flops_smoke(tmp_path):
     assert "mm" in result["gflop_by_op"]
 
 
+def test_lora_bench_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "lora.py"), "--sizes", "tiny", "--steps", "2",
+                          "--warmup", "1", "--prompts", "1", "--group-size", "2", "--new-tokens", "4",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    full, lora, ratios = [json.loads(line) for line in out.stdout.strip().splitlines()[-3:]]
+    assert (full["mode"], lora["mode"]) == ("full", "lora") and full["params"] == lora["params"]
+    assert lora["trainable_params"] < full["trainable_params"] / 3
+    assert full["steps_timed"] == lora["steps_timed"] == 1 and lora["step_s_median"] > 0
+    assert 0 < ratios["lora_over_full"]["tiny"]["sync_payload_mb"] < 0.5  # adapter + connector vs llm + connector
+
+
 def test_memory_8bit_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "memory_8bit.py"), "--size", "tiny", "--steps", "2",
                           "--configs", "fp32", "fp32-in-backward", "--workdir", str(tmp_path)],

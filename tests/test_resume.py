@@ -37,7 +37,14 @@ STAGE_ARGS = {
     optimizer: {{lr: 1.0e-3}}
 """,
 }
-METRIC = {"sft": "train/loss", "grpo": "train/reward_mean"}
+# LoRA with the KL in the loss: the reference (adapters off, the connector as loaded) must be the
+# initial policy after the resume too, which the KL's trajectory shows
+STAGE_ARGS["grpo-lora"] = STAGE_ARGS["grpo"].replace("lr: 1.0e-3", "lr: 1.0e-2") + """\
+    trainable: [connector]
+    lora: {{groups: [llm], r: 4}}
+    kl_coef: 0.05
+"""
+METRIC = {"sft": "train/loss", "grpo": "train/reward_mean", "grpo-lora": "train/kl_ref"}
 
 
 def write_config(run: Path, stage: str, model: Path, data: Path) -> Path:
@@ -88,7 +95,7 @@ def trajectory(run: Path, metric: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "grpo", "grpo-lora"])
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_dirs, synth_dir, stage):
     straight = write_config(tmp_path / "straight", stage, tiny_dirs["internvl"], synth_dir)
     done = fit(straight)
@@ -112,5 +119,5 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_dirs, 
     # resumed process ran, and every step logged before the kill, must match.
     assert set(range(KILL_AT, STEPS)) <= set(got), got
     assert {step: expected[step] for step in got} == got, "bit-exact per-step trajectory"
-    if stage == "sft":  # the loss moves from step to step, so equal trajectories are no accident
+    if stage != "grpo":  # the loss (the KL) moves from step to step, so equal trajectories are no accident
         assert len(set(expected.values())) == len(expected)

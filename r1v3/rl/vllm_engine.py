@@ -32,13 +32,18 @@ from typing import Callable, Sequence
 
 import torch
 
+from r1v3.distributed import clean_name
+from r1v3.lora import has_adapters, output_head_name, save_adapter, unadapted
 from r1v3.moe import released_expert_tensors
 from r1v3.processors import completed_checkpoint
 from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig, checkpoint_sampling_settings, warn_ignored_settings
 from r1v3.rl.tp_pool import new_tp_group, pooled
-from r1v3.rl.weight_sync import bucketize, trainable_state
+from r1v3.rl.weight_sync import bucketize, trainable_state, unit_of
 
 log = logging.getLogger(__name__)
+
+# The adapter ranks vLLM can hold (its LoRAConfig.max_lora_rank).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 INSTALL_HINT = ("the vLLM rollout engine needs vLLM: on GPUs `pip install 'r1v3[vllm]'`; on CPU run "
                 "`bash .ci/setup_vllm.sh` and use its venv (see docs/vllm.md).")
@@ -104,7 +109,10 @@ class VLLMEngine:
     def __init__(self, model_dir: str, config: VLLMConfig = VLLMConfig(), seed: int = 0,
                  rename: Callable[[str], str] = lambda n: n, family: str = "",
                  group_of: Callable[[str], str | None] | None = None,
-                 suppress_tokens: Sequence[int] = (), mm_processor_kwargs: dict | None = None):
+                 suppress_tokens: Sequence[int] = (), mm_processor_kwargs: dict | None = None,
+                 adapter_rank: int = 0):
+        """``adapter_rank`` > 0: the policy's llm adapters reach the engine through vLLM's LoRA
+        path (a rank-``adapter_rank`` adapter, docs/lora.md) instead of as merged weights."""
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # tensors cannot cross processes
@@ -135,6 +143,15 @@ class VLLMEngine:
                       # placeholder ban), as the trainer scores it; the default ("raw") is taken
                       # before both, so at T != 1 the gap would compare different quantities.
                       logprobs_mode="processed_logprobs")
+        self.adapter_groups: tuple[str, ...] = ()
+        if adapter_rank:
+            # vLLM sizes its LoRA buffers for a rank from a fixed list; the adapter may be smaller.
+            kwargs.update(enable_lora=True, max_loras=1,
+                          max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= min(adapter_rank, VLLM_LORA_RANKS[-1])))
+            self.adapter_groups = ("llm",)  # vLLM adapts the language model; towers get merged weights
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self._adapter_dir = tempfile.TemporaryDirectory(prefix="r1v3-adapter-", dir=shm)
+        self.lora_request = None
         # The trainer's image settings (InternVL tiling, Qwen pixel bounds), then any override.
         image_settings = dict(mm_processor_kwargs or {}) | dict(config.mm_processor_kwargs or {})
         if image_settings:
@@ -230,7 +247,8 @@ class VLLMEngine:
     def _generate(self, prompts: Sequence[Prompt], params) -> list:
         """One engine call; in a tensor-parallel group, on the group's pooled prompts."""
         def run(batch, batch_params):
-            return self.llm.generate(self._requests(batch), batch_params, use_tqdm=False)
+            return self.llm.generate(self._requests(batch), batch_params, use_tqdm=False,
+                                     lora_request=self.lora_request)
         return pooled(self.tp_group, prompts, params, run) if self.tp_group is not None else run(prompts, params)
 
     @staticmethod
@@ -254,10 +272,26 @@ class VLLMEngine:
         if not force and (self.syncs - 1) % self.config.sync_every:
             return {}
         started = time.perf_counter()
-        pushed = 0
+        pushed = pushed_bytes = 0
+        group_of = self.group_of or (lambda n: None)
+        served = self.adapter_groups if has_adapters(model) else ()
+        head = output_head_name(model) + "."
+
+        def by_adapter(name: str) -> bool:  # vLLM applies these modules' adapters itself
+            return group_of(name) in served and not name.startswith(head)  # vLLM 0.32 adapts no head
+
+        def changed(name: str) -> bool:  # a fully trained group's tensors, and adapted weights
+            return (groups is None or group_of(name) in groups or name.endswith(".base_layer.weight")) \
+                and not by_adapter(name)
+        # Whole units (see weight_sync) around every changed tensor: an adapted q_proj goes with
+        # its bias and its k/v siblings, which vLLM fuses with it.
+        units = {unit_of(unadapted(n)) for n, _ in model.named_parameters() if changed(clean_name(n))}
         # Sharded (DTensor) parameters are gathered whole inside trainable_state: a collective per
         # tensor, so every rank must call this in the same order (the stage does, after each update).
-        state = trainable_state(model, self.group_of or (lambda n: None), groups, self.rename)
+        # Adapted weights go merged, except where the adapter itself travels: those go as the base
+        # weights, on forced pushes only (the engine loaded the same base from the directory).
+        state = trainable_state(model, (lambda name: True) if force else (lambda name: unit_of(unadapted(name)) in units),
+                                self.rename, merge=lambda name: not by_adapter(name))
         # MoE experts: fused in memory, pushed in the layout the engine loaded them from.
         state = (pair for name, tensor in state for pair in released_expert_tensors(name, tensor, self.family))
         experts_pushed = False
@@ -268,6 +302,7 @@ class VLLMEngine:
         for bucket in bucketize(state, self.config.bucket_mb << 20):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
             pushed += len(bucket)
+            pushed_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
             experts_pushed = experts_pushed or any(".experts." in name for name, _ in bucket)
         if not self.on_gpu:
             self.llm.collective_rpc(_repack_tied_output_embeddings)
@@ -277,7 +312,20 @@ class VLLMEngine:
         engine = getattr(self.llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "reset_encoder_cache"):
             engine.reset_encoder_cache()  # else the next multimodal request misses its cache
-        return {"s": time.perf_counter() - started, "tensors": pushed}
+        adapter_bytes = self._push_adapter(model, by_adapter) if served else 0
+        return {"s": time.perf_counter() - started, "tensors": pushed, "mb": (pushed_bytes + adapter_bytes) / 2**20,
+                "adapter_mb": adapter_bytes / 2**20}
+
+    def _push_adapter(self, model: torch.nn.Module, keep: Callable[[str], bool]) -> int:
+        """Write the adapter of the modules ``keep`` accepts (peft's format) where vLLM reads it,
+        and make the next requests use it; ``load_inplace`` makes vLLM reload the same adapter id.
+        Returns its bytes."""
+        from vllm.lora.request import LoRARequest
+
+        path = self._adapter_dir.name
+        size = save_adapter(model, path, keep=keep)
+        self.lora_request = LoRARequest("policy", 1, path, load_inplace=True)
+        return size
 
     def sleep(self) -> None:
         if self.on_gpu and self.config.sleep_mode:

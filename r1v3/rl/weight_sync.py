@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from r1v3.distributed import clean_name
+from r1v3.lora import model_weights
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|blocks|layer)\.\d+)\.")
 
@@ -47,13 +47,10 @@ def bucketize(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = 256
         yield bucket
 
 
-def trainable_state(model: torch.nn.Module, group_of: Callable[[str], str | None],
-                    groups: Sequence[str] | None, rename: Callable[[str], str] = lambda n: n):
-    """(vLLM-side name, full tensor) for the parameters of ``groups`` (all groups if None)."""
-    for name, param in model.named_parameters():
-        name = clean_name(name)
-        if groups is not None and group_of(name) not in groups:
-            continue
-        tensor = param.detach()
-        full = getattr(tensor, "full_tensor", None)  # DTensor under FSDP2: gather across ranks
-        yield rename(name), (full() if callable(full) else tensor)
+def trainable_state(model: torch.nn.Module, keep: Callable[[str], bool], rename: Callable[[str], str] = lambda n: n,
+                    merge: Callable[[str], bool] = lambda name: True):
+    """(vLLM-side name, full tensor) for the parameters whose clean name ``keep`` accepts. Under
+    LoRA the names are the checkpoint's (peft's ``.base_layer`` taken out) and a weight whose name
+    ``merge`` accepts carries its adapter merged in; adapter tensors travel separately."""
+    for name, tensor in model_weights(model, keep, merge):
+        yield rename(name), tensor

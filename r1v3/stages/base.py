@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from r1v3 import backbone as bb
 from r1v3 import fsdp, processors
+from r1v3 import lora as lora_adapters
 from r1v3.encoding import PromptEncoder
 from r1v3.logprobs import gather_logprobs
 from r1v3.moe import RouterAuxLoss, write_released_layout
@@ -96,11 +97,13 @@ class R1V3Module(LightningModule):
         load: bb.LoadConfig = bb.LoadConfig(),
         max_new_tokens: int = 64,
         export_dir: str | None = None,
+        lora: lora_adapters.LoraConfig = lora_adapters.LoraConfig(),
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model_path = model_path
         self.trainable = list(trainable)
+        self.lora = lora_adapters.as_config(lora)
         self.optim = optimizer or OptimizerConfig()
         # A checkpoint's hparams may hold the settings as a plain dict.
         self.load_config = load if isinstance(load, bb.LoadConfig) else bb.LoadConfig(**(load or {}))
@@ -129,6 +132,9 @@ class R1V3Module(LightningModule):
         self.backbone.processor = self.processor
         self.model = self.backbone.model.train()  # from_pretrained returns eval mode
         counts = bb.apply_freeze_plan(self.backbone, self.trainable)
+        if self.lora.enabled:  # adapters go in before checkpointing and sharding wrap the layers
+            counts = lora_adapters.attach(self.backbone, self.lora, self.trainable)
+            rank_zero_info(f"[r1v3] LoRA r={self.lora.r} alpha={self.lora.alpha:g} on {self.lora.groups}")
         for group, c in counts.items():
             rank_zero_info(f"[r1v3] {group:<9} trainable {c['trainable']:>12,} / {c['total']:>12,} params")
         self.router_aux = RouterAuxLoss(self.model, load.router_aux_loss_coef)
@@ -348,11 +354,29 @@ class R1V3Module(LightningModule):
     def export_hf(self, out: str | Path) -> Path:
         """Save model + processor in HF format, loadable by the next stage or plain transformers."""
         out = Path(out)
+        if lora_adapters.has_adapters(self.model):
+            return self.export_with_adapter(out)
         if fsdp.is_sharded(self.model):  # a collective: every rank gathers, rank 0 writes
             return fsdp.export_sharded(self, out)
         self.model.save_pretrained(out)
         write_released_layout(out)
         processors.save_processor(self.processor, out)
+        return out
+
+    def export_with_adapter(self, out: Path) -> Path:
+        """Under LoRA: the merged model (W + scale·B·A) in ``out``, which plain transformers loads,
+        and the adapter alone in ``out/adapter`` (peft's format, base: ``model_path``). Sharded, a
+        collective: every tensor is gathered in turn and only rank 0 keeps and writes it."""
+        sharded = fsdp.is_sharded(self.model)
+        writer = not sharded or torch.distributed.get_rank() == 0
+        state = {name: tensor.cpu() for name, tensor in lora_adapters.model_weights(self.model) if writer}
+        lora_adapters.save_adapter(self.model, out / "adapter", base_model=str(self.model_path), write=writer)
+        if writer:
+            self.model.save_pretrained(out, state_dict=state)
+            write_released_layout(out)
+            processors.save_processor(self.processor, out)
+        if sharded:
+            torch.distributed.barrier()
         return out
 
     def on_train_end(self) -> None:

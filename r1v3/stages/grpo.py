@@ -24,6 +24,7 @@ from r1v3 import backbone as bb
 from r1v3 import fsdp
 from r1v3.distributed import max_over_ranks
 from r1v3.encoding import PromptEncoder
+from r1v3.lora import LoraConfig
 from r1v3.rewards import load_reward
 from r1v3.rl.advantages import group_advantages, soft_overlong_penalty, zero_variance_groups
 from r1v3.rl.correction import RolloutCorrection
@@ -52,6 +53,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         trainable: Sequence[str] = ("vision", "connector", "llm"),
         optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, warmup_ratio=0.0, schedule="constant"),
         load: bb.LoadConfig = bb.LoadConfig(),
+        lora: LoraConfig = LoraConfig(),
         export_dir: str | None = None,
         sampling: SamplingConfig = SamplingConfig(),
         rollout: Literal["hf", "vllm"] = "hf",
@@ -90,6 +92,9 @@ class GRPOStage(PolicyUpdate, R1V3Module):
                 stable; docs/design.md §1).
             load: How the backbone loads: dtype, attention kernel, remote code, module groups for
                 unknown families, gradient checkpointing.
+            lora: LoRA adapters (peft) on chosen groups, e.g. ``{groups: [llm]}`` with
+                ``trainable: [connector]``. The vLLM engine then receives the adapter alone where it
+                can (docs/lora.md), and the KL reference is the policy with its adapters disabled.
             export_dir: Save an HF-format checkpoint here when training ends.
             sampling: Rollout sampling: n (= G), temperature, top_p, max_new_tokens, stop.
             rollout: Rollout engine: ``hf`` (generate on the policy) or ``vllm`` (embedded vLLM).
@@ -136,7 +141,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
                                    f"({sampling.max_new_tokens}), got {overlong_buffer}")
         if rollout == "vllm" and not vllm_available():
             raise bb.BackboneError(f"rollout: vllm - {INSTALL_HINT}")
-        super().__init__(model_path, trainable, optimizer, load, sampling.max_new_tokens, export_dir)
+        super().__init__(model_path, trainable, optimizer, load, sampling.max_new_tokens, export_dir, lora)
         self.automatic_optimization = False
         self.sampling = sampling
         self.vllm_config = vllm  # hparams keep a plain-dict copy; the engine wants the dataclass
@@ -153,6 +158,8 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         self._session: EngineSession | None = None
         self.encoder: PromptEncoder | None = None
         self.reference = None
+        self.wants_reference = False  # set by a KL monitor before the model is built
+        self.initial_weights: dict[str, torch.Tensor] | None = None  # LoRA: fully trained groups at the start
         self.rollout_table = RolloutTable(every=rollout_log_every)
         self.last_rollouts: StepRollouts | None = None  # this step's record, for the callbacks
         self.placeholder_ids = bb.multimodal_token_ids(self.processor)  # never generated, never fed back
@@ -169,7 +176,13 @@ class GRPOStage(PolicyUpdate, R1V3Module):
             self.engine.encoder = self.encoder
 
     def configure_model(self) -> None:
+        fresh = self.model is None
         super().configure_model()
+        if self.lora.enabled and fresh and self.trainable and (self.hparams.kl_coef > 0 or self.wants_reference):
+            # The reference is the initial policy: the base without adapters, and the groups that
+            # train fully as they were loaded (only these are copied; resume restores after this).
+            self.initial_weights = {name: p.detach().clone() for group in self.trainable
+                                    for name, p in self.backbone.group_parameters()[group]}
         if self.hparams.kl_coef > 0:
             self.reference_model()
         # Built before fit (tests, demo), the vLLM engine waits for the trainer's call: started
@@ -185,14 +198,17 @@ class GRPOStage(PolicyUpdate, R1V3Module):
                 self.hparams.rollout, model_dir=self.model_path, model=self.model, encoder=self.encoder,
                 tokenizer=self.tokenizer, vllm_config=self.vllm_config, seed=self.hparams.rollout_seed,
                 family=self.backbone.family, group_of=self.backbone.group_of,
-                suppress_tokens=self.placeholder_ids)
+                suppress_tokens=self.placeholder_ids, lora=self.lora)
 
     def reference_model(self, device: str | None = None) -> torch.nn.Module:
         """The frozen initial policy (``model_path``), loaded on first use: for the KL loss, or for a
         KL monitor when the loss has none (on ``device``). Under FSDP2 it is sharded like the policy
         (same mesh and mixed precision, no gradients, no optimizer state, ``reference_cpu_offload``
         on GPUs): its forwards are then collectives, which ``scoring.all_rows`` keeps in step.
-        The one place a reference comes from, so another kind (a LoRA base) can replace it here."""
+        The one place a reference comes from. Under LoRA it is the policy itself, which
+        ``reference_logprobs`` runs with its adapters disabled (``lora_reference``): no second copy."""
+        if self.lora.enabled:
+            return self.model
         if self.reference is None:
             load = self.load_config
             sharded = fsdp.is_fsdp2(self.model)  # FSDP1 keeps a full copy per rank

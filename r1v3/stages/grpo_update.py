@@ -10,10 +10,12 @@ Kept apart from the stage so that each file reads in one sitting; the class is a
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from r1v3.distributed import is_sharded
+from r1v3.lora import adapters_disabled
 from r1v3.rl import scoring
 from r1v3.rl.correction import mismatch_metrics
 from r1v3.rl.entropy import masked_mean
@@ -127,9 +129,34 @@ class PolicyUpdate:
                                                self.sampling.temperature, self.device, with_entropy, entropy_grad)
 
     def reference_logprobs(self, step: StepRollouts, model: torch.nn.Module | None = None) -> torch.Tensor:
-        """Log-probs of the step's rollouts under ``model`` (default: the loaded reference policy)."""
-        model = model if model is not None else self.reference[0]
-        return scoring.all_rows(model, step, self.sampling.temperature, self.hparams.micro_batch_tokens, self.device)
+        """Log-probs of the step's rollouts under ``model`` (default: the reference policy)."""
+        model = model if model is not None else self.reference_model()
+        with self.lora_reference() if model is self.model else nullcontext():
+            return scoring.all_rows(model, step, self.sampling.temperature, self.hparams.micro_batch_tokens,
+                                    self.device)
+
+    @contextmanager
+    def lora_reference(self):
+        """Under LoRA, make the policy the initial policy for the forwards inside: adapters off,
+        and the fully trained groups back at their loaded weights (swapped in and out in place)."""
+        if not self.lora.enabled:
+            yield
+            return
+        if self.trainable and self.initial_weights is None:
+            raise RuntimeError("the LoRA reference needs the initial weights of the fully trained groups, which "
+                               "are kept only when kl_coef > 0 or a KL monitor asks before the model is built")
+        params = dict(self.model.named_parameters())
+        current = {name: params[name].detach().clone() for name in self.initial_weights or {}}
+        with torch.no_grad():
+            for name, initial in (self.initial_weights or {}).items():
+                params[name].copy_(initial)
+        try:
+            with adapters_disabled(self.model):
+                yield
+        finally:
+            with torch.no_grad():
+                for name, value in current.items():
+                    params[name].copy_(value)
 
     def completion_entropy(self, step: StepRollouts) -> tuple[torch.Tensor, int]:
         """Entropy [N, T] of the current policy's distribution at each completion token (the

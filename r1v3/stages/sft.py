@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 
 from r1v3.backbone import LoadConfig
 from r1v3.chat import parse_response
+from r1v3.lora import LoraConfig
 from r1v3.rewards.accuracy import is_correct
 from r1v3.stages.base import OptimizerConfig, R1V3Module
 
@@ -36,6 +37,7 @@ class SFTStage(R1V3Module):
         max_new_tokens: int = 64,
         export_dir: str | None = None,
         val_generate: bool = True,
+        lora: LoraConfig = LoraConfig(),
     ):
         """Cold-start supervised fine-tuning.
 
@@ -48,8 +50,10 @@ class SFTStage(R1V3Module):
             max_new_tokens: Generation budget for validation and prediction.
             export_dir: Where to save an HF-format checkpoint when training ends.
             val_generate: Generate at validation to report accuracy and format rate.
+            lora: LoRA adapters (peft) on chosen groups, e.g. ``{groups: [llm]}`` with
+                ``trainable: [connector]``; the export is then merged, with the adapter beside it.
         """
-        super().__init__(model_path, trainable, optimizer, load, max_new_tokens, export_dir)
+        super().__init__(model_path, trainable, optimizer, load, max_new_tokens, export_dir, lora)
         self.val_generate = val_generate
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()

@@ -1,0 +1,155 @@
+"""LoRA against full fine-tuning in GRPO: memory per parameter, step time and weight-sync bytes.
+
+    python bench/lora.py                                   # small and medium, HF rollouts
+    ~/.cache/r1v3/venv-vllm/bin/python bench/lora.py --rollout vllm   # the engine's own sync figures
+    python bench/lora.py --sizes tiny --steps 2 --warmup 1   # smoke run
+
+Both modes train the same groups of the InternVL preset with the vision tower frozen: ``full``
+trains the language model and the connector; ``lora`` puts rank-16 adapters (alpha 32, every linear
+layer but the head) on the language model and trains the connector fully. Each (size, mode) runs in
+a child process of its own with ``MALLOC_MMAP_THRESHOLD_=1048576`` (docs/performance.md), for
+``--steps`` rollout batches of ``--prompts`` prompts × G completions of exactly ``--new-tokens``
+tokens (EOS suppressed); medians leave out the first ``--warmup`` steps.
+
+Figures per run: parameters (all, trainable), the peak anonymous resident memory (``RssAnon``)
+during training above the baseline taken before the model loads, that peak per parameter, the
+median step, rollout and update times, and the weight sync: the bytes the engine receives after an update
+(the adapter plus the connector under LoRA, every trainable tensor otherwise; measured by the vLLM
+engine with ``--rollout vllm``, counted from the same selection with HF rollouts, which push
+nothing). The last line gives LoRA ÷ full per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from child import run_setting
+
+MODES = ("full", "lora")
+
+
+def payload_mb(stage) -> float:
+    """What a sync after an update carries, by the engine's own selection (r1v3.rl.vllm_engine):
+    the fully trained groups' tensors, plus the language model's adapter under LoRA."""
+    from r1v3.lora import adapter_state
+
+    tensors = [p for group in stage.trainable for _, p in stage.backbone.group_parameters()[group]]
+    size = sum(p.numel() * p.element_size() for p in tensors)
+    if stage.lora.enabled:
+        size += sum(t.numel() * t.element_size() for t in adapter_state(stage.model).values())
+    return size / 2**20
+
+
+def run_one(args) -> dict:
+    import torch
+    from lightning.pytorch import Callback, Trainer
+    from plan_accuracy import Sampler
+
+    from r1v3.data_modules.synthetic import write_synthetic
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.lora import LoraConfig
+    from r1v3.rl.rollout import SamplingConfig
+    from r1v3.rl.vllm_engine import VLLMConfig
+    from r1v3.stages.base import OptimizerConfig
+    from r1v3.stages.grpo import GRPOStage
+    from r1v3.tools.tiny import build_tiny
+
+    class Collect(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_fit_start(self, trainer, stage):  # fixed-length completions: equal work in both modes
+            stage.engine.suppress_tokens.append(stage.tokenizer.eos_token_id)
+            sampler.training = True
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            self.rows.append({k[6:]: float(v) for k, v in m.items() if k.startswith("train/")})
+
+    torch.manual_seed(0)
+    work = Path(args.workdir)
+    model_dir = work / f"internvl-{args.size}"
+    if not (model_dir / "config.json").exists():
+        build_tiny("internvl", model_dir, size=args.size)
+    if not (work / "data" / "train").exists():
+        write_synthetic(work / "data", n_train=args.prompts * (args.steps + 2), n_val=8, n_ood=8)
+    import peft  # noqa: F401  (imported in both modes before the baseline: its import is not the run's memory)
+
+    sampler = Sampler()
+    plan = (dict(trainable=["connector"], lora=LoraConfig(groups=["llm"], r=16, alpha=32)) if args.mode == "lora"
+            else dict(trainable=["llm", "connector"]))
+    stage = GRPOStage(str(model_dir), optimizer=OptimizerConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
+                      sampling=SamplingConfig(n=args.group_size, max_new_tokens=args.new_tokens),
+                      reward_kwargs={"num_workers": 1}, rollout_log_every=0, rollout=args.rollout,
+                      vllm=VLLMConfig(max_model_len=1024), **plan)
+    collect = Collect()
+    trainer = Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[collect], log_every_n_steps=1)
+    trainer.fit(stage, datamodule=WebDataModule(train=str(work / "data" / "train"), batch_size=args.prompts))
+    rows = collect.rows[args.warmup:]
+
+    def median(key):
+        values = [r[key] for r in rows if key in r]
+        return round(statistics.median(values), 4) if values else None
+
+    params = [p for n, p in stage.model.named_parameters() if ".lora_" not in n]
+    trainable = sum(p.numel() for p in stage.model.parameters() if p.requires_grad)
+    peak_mb = (sampler.train_peak - sampler.baseline) / 1024
+    out = {"bench": "lora", "size": args.size, "mode": args.mode, "rollout": args.rollout,
+           "params": sum(p.numel() for p in params), "trainable_params": trainable,
+           "steps_timed": len(rows), "tokens_per_step": args.prompts * args.group_size * args.new_tokens,
+           "peak_anon_mb": round(peak_mb, 1),
+           "bytes_per_param": round(peak_mb * 2**20 / sum(p.numel() for p in params), 2),
+           "step_s_median": median("step_s"), "rollout_s_median": median("rollout_s"),
+           "update_s_median": median("update_s"),
+           "sync_payload_mb": round(payload_mb(stage), 3)}
+    if args.rollout == "vllm":  # the engine's own count after each update (the first push is full)
+        out |= {"sync_mb_median": median("sync_mb"), "sync_adapter_mb_median": median("sync_adapter_mb"),
+                "sync_s_median": median("sync_s")}
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=("tiny", "small", "medium"))
+    parser.add_argument("--rollout", default="hf", choices=("hf", "vllm"))
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--size", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default=None, choices=MODES, help=argparse.SUPPRESS)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-lora-")
+    if args.mode is not None:
+        print(json.dumps(run_one(args)))
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    results = {}
+    for size in args.sizes:
+        for mode in MODES:
+            line = run_setting(__file__, raw, ["--size", size, "--mode", mode, "--workdir", args.workdir],
+                               f"{size} {mode}", env=env)
+            results[size, mode] = json.loads(line)
+            print(line, flush=True)
+    ratios = {}
+    for size in args.sizes:
+        full, lora = results[size, "full"], results[size, "lora"]
+        keys = ["peak_anon_mb", "step_s_median", "rollout_s_median", "update_s_median", "sync_payload_mb"]
+        keys += ["sync_mb_median", "sync_s_median"] if args.rollout == "vllm" else []
+        ratios[size] = {k: round(lora[k] / full[k], 4) for k in keys if lora.get(k) is not None and full.get(k)}
+    print(json.dumps({"bench": "lora", "lora_over_full": ratios}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
