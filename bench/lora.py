@@ -6,17 +6,18 @@
 
 Both modes train the same groups of the InternVL preset with the vision tower frozen: ``full``
 trains the language model and the connector; ``lora`` puts rank-16 adapters (alpha 32, every linear
-layer but the head) on the language model and trains the connector fully. Each (size, mode) runs in
-a child process of its own with ``MALLOC_MMAP_THRESHOLD_=1048576`` (docs/performance.md), for
+layer but the head) on the language model and trains the connector fully; ``lora-merged`` is
+``lora`` with ``lora.engine_sync: merged`` (the engine gets merged blocks, not the adapter). Each
+(size, mode) runs in a child process of its own with ``MALLOC_MMAP_THRESHOLD_=1048576`` (docs/performance.md), for
 ``--steps`` rollout batches of ``--prompts`` prompts × G completions of exactly ``--new-tokens``
 tokens (EOS suppressed); medians leave out the first ``--warmup`` steps.
 
 Figures per run: parameters (all, trainable), the peak anonymous resident memory (``RssAnon``)
 during training above the baseline taken before the model loads, that peak per parameter, the
-median step, rollout and update times, and the weight sync: the bytes the engine receives after an update
-(the adapter plus the connector under LoRA, every trainable tensor otherwise; measured by the vLLM
-engine with ``--rollout vllm``, counted from the same selection with HF rollouts, which push
-nothing). The last line gives LoRA ÷ full per size.
+median step, rollout and update times, and the weight sync: the bytes the engine receives after an
+update (the adapter plus the connector under LoRA, every trainable tensor otherwise; measured by the
+vLLM engine with ``--rollout vllm``, counted from the same selection with HF rollouts, which push
+nothing). The last line gives each mode ÷ full per size.
 """
 
 from __future__ import annotations
@@ -31,17 +32,24 @@ from pathlib import Path
 
 from child import run_setting
 
-MODES = ("full", "lora")
+MODES = ("full", "lora", "lora-merged")
 
 
 def payload_mb(stage) -> float:
     """What a sync after an update carries, by the engine's own selection (r1v3.rl.vllm_engine):
-    the fully trained groups' tensors, plus the language model's adapter under LoRA."""
-    from r1v3.lora import adapter_state
+    the fully trained groups' tensors, plus under LoRA either the language model's adapter or,
+    with ``engine_sync: merged``, every block holding an adapted weight."""
+    from r1v3.lora import adapter_state, is_adapter_param, unadapted
+    from r1v3.rl.weight_sync import unit_of
 
     tensors = [p for group in stage.trainable for _, p in stage.backbone.group_parameters()[group]]
     size = sum(p.numel() * p.element_size() for p in tensors)
-    if stage.lora.enabled:
+    if stage.lora.enabled and stage.lora.engine_sync == "merged":
+        named = list(stage.model.named_parameters())
+        units = {unit_of(unadapted(n)) for n, _ in named if n.endswith(".base_layer.weight")}
+        size += sum(p.numel() * p.element_size() for n, p in named
+                    if not is_adapter_param(n) and unit_of(unadapted(n)) in units)
+    elif stage.lora.enabled:
         size += sum(t.numel() * t.element_size() for t in adapter_state(stage.model).values())
     return size / 2**20
 
@@ -82,8 +90,9 @@ def run_one(args) -> dict:
     import peft  # noqa: F401  (imported in both modes before the baseline: its import is not the run's memory)
 
     sampler = Sampler()
-    plan = (dict(trainable=["connector"], lora=LoraConfig(groups=["llm"], r=16, alpha=32)) if args.mode == "lora"
-            else dict(trainable=["llm", "connector"]))
+    sync = "merged" if args.mode == "lora-merged" else "auto"
+    plan = (dict(trainable=["connector"], lora=LoraConfig(groups=["llm"], r=16, alpha=32, engine_sync=sync))
+            if args.mode.startswith("lora") else dict(trainable=["llm", "connector"]))
     stage = GRPOStage(str(model_dir), optimizer=OptimizerConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
                       sampling=SamplingConfig(n=args.group_size, max_new_tokens=args.new_tokens),
                       reward_kwargs={"num_workers": 1}, rollout_log_every=0, rollout=args.rollout,
@@ -120,6 +129,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=("tiny", "small", "medium"))
     parser.add_argument("--rollout", default="hf", choices=("hf", "vllm"))
+    parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=MODES)
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -137,18 +147,21 @@ def main(argv=None) -> None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
     results = {}
     for size in args.sizes:
-        for mode in MODES:
+        for mode in args.modes:
             line = run_setting(__file__, raw, ["--size", size, "--mode", mode, "--workdir", args.workdir],
                                f"{size} {mode}", env=env)
             results[size, mode] = json.loads(line)
             print(line, flush=True)
     ratios = {}
+    keys = ["peak_anon_mb", "step_s_median", "rollout_s_median", "update_s_median", "sync_payload_mb"]
+    keys += ["sync_mb_median", "sync_s_median"] if args.rollout == "vllm" else []
     for size in args.sizes:
-        full, lora = results[size, "full"], results[size, "lora"]
-        keys = ["peak_anon_mb", "step_s_median", "rollout_s_median", "update_s_median", "sync_payload_mb"]
-        keys += ["sync_mb_median", "sync_s_median"] if args.rollout == "vllm" else []
-        ratios[size] = {k: round(lora[k] / full[k], 4) for k in keys if lora.get(k) is not None and full.get(k)}
-    print(json.dumps({"bench": "lora", "lora_over_full": ratios}), flush=True)
+        full = results.get((size, "full"))
+        for mode in [m for m in args.modes if m != "full" and full]:
+            run = results[size, mode]
+            ratios[f"{size}/{mode}"] = {k: round(run[k] / full[k], 4) for k in keys
+                                        if run.get(k) is not None and full.get(k)}
+    print(json.dumps({"bench": "lora", "over_full": ratios}), flush=True)
 
 
 if __name__ == "__main__":

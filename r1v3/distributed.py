@@ -52,3 +52,20 @@ def max_over_ranks(value: int, model: torch.nn.Module | None, device: torch.devi
     t = torch.tensor([value], dtype=torch.long, device=device)  # nccl reduces device tensors only
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded form (a no-op for units that are)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def as_placed(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (a whole tensor, the same on every rank) laid out as ``like``: sharded the same
+    way when ``like`` is a DTensor. A collective in that case."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor) and not isinstance(tensor, DTensor):
+        return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements)
+    return tensor

@@ -18,7 +18,7 @@ import shutil
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -346,16 +346,19 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_sharded(module, out: Path) -> Path:
+def export_sharded(module, out: Path, params: dict[str, torch.Tensor] | None = None,
+                   gather: Callable[[], dict[str, torch.Tensor]] | None = None) -> Path:
     """HF export of an R1V3Module's sharded model. FSDP2: each rank writes its shards and rank 0
     consolidates them into HF safetensors (torch's ``HuggingFaceStorageWriter``), so no rank
     gathers the model; a checkpoint layout that is not a renaming of the parameters (per-expert
-    files) falls back to gathering on rank 0. Rank 0 then writes the config and processor."""
+    files) falls back to gathering on rank 0. Rank 0 then writes the config and processor.
+    ``params`` (sharded) and ``gather`` (whole, on rank 0) give the weights to write instead of the
+    model's own: a LoRA model's merged weights."""
     model = module.model
     if is_fsdp2(model):
         from r1v3.sharded_load import save_sharded
 
-        if save_sharded(model, out):
+        if save_sharded(model, out, params):
             if torch.distributed.get_rank() == 0:
                 model.config.save_pretrained(out)
                 if getattr(model, "generation_config", None) is not None:
@@ -364,7 +367,9 @@ def export_sharded(module, out: Path) -> Path:
                 save_processor(module.processor, out)
             torch.distributed.barrier()
             return out
-        state = full_state_dict(model)
+        state = gather() if gather else full_state_dict(model)
+    elif gather:
+        state = gather()
     else:  # FSDP1 state dicts come from the wrapped root (the LightningModule): keys gain "model."
         state = {k.removeprefix("model."): v for k, v in full_state_dict(module.trainer.strategy.model).items()
                  if k.startswith("model.")}

@@ -15,6 +15,7 @@ a frozen group gets no adapter.
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,8 @@ def check_plan(cfg: LoraConfig, trainable: Sequence[str], known: Sequence[str]) 
         raise BackboneError(f"lora.engine_sync must be 'auto' or 'merged', got {cfg.engine_sync!r}")
     if cfg.r < 1:
         raise BackboneError(f"lora.r must be at least 1, got {cfg.r}")
+    if not 0 <= cfg.dropout < 1:
+        raise BackboneError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
 
 
 def target_modules(backbone, cfg: LoraConfig) -> list[str]:
@@ -97,12 +100,21 @@ def target_modules(backbone, cfg: LoraConfig) -> list[str]:
     if not names:
         raise BackboneError(f"lora: no linear layer of groups {cfg.groups} matches target_modules "
                             f"{cfg.target_modules or 'all'}")
+    inputs = model.get_input_embeddings()
+    if head is not None and any(model.get_submodule(n) is head for n in names) \
+            and getattr(inputs, "weight", None) is head.weight:
+        raise BackboneError("lora: this model ties its output head to its input embeddings, so an adapter on the "
+                            "head would change both and cannot be merged into one; drop lm_head from "
+                            "lora.target_modules")
     return names
 
 
 def attach(backbone, cfg: LoraConfig, trainable: Sequence[str]) -> dict[str, dict[str, int]]:
     """Inject the adapters, then make exactly the adapters and the fully trained groups require
     grad (peft freezes everything but its adapters). Returns per-group trainable/total counts."""
+    # peft imports bitsandbytes, whose CPU backend warns that an optional 4-bit gemm kernel is not
+    # installed; r1v3 never runs 4-bit layers, so that line is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
@@ -196,25 +208,61 @@ def model_weights(model: torch.nn.Module, keep=lambda name: True, merge=lambda n
         yield name, tensor
 
 
-def adapter_state(model: torch.nn.Module, keep=lambda name: True) -> dict[str, torch.Tensor]:
+def merged_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint name → weight with its adapter merged, each rank merging its own rows of an
+    FSDP2-sharded weight: W and B are split by rows alike (dim 0 is the output size of both), so
+    a rank's rows of W + scale·B·A need only its rows of B and the whole, small A. A collective
+    (A is gathered); a weight whose rows do not line up with B's is merged whole and re-sharded."""
+    from torch.distributed.tensor import DTensor
+
+    from r1v3.distributed import as_placed
+
+    layers = adapted_layers(model)
+    out = {}
+    for name, param in model.named_parameters():
+        name = clean_name(name)
+        if is_adapter_param(name):
+            continue
+        weight = param.detach()
+        if ".base_layer." in name and name.endswith(".weight"):
+            layer = layers[name.split(".base_layer.")[0]]
+            b = layer.lora_B[ADAPTER].weight.detach()
+            if isinstance(weight, DTensor) and isinstance(b, DTensor) and weight.placements == b.placements \
+                    and weight.to_local().shape[0] == b.to_local().shape[0]:
+                a = _full(layer.lora_A[ADAPTER].weight).float()
+                local = weight.to_local()
+                rows = (local.float() + (b.to_local().float() @ a) * layer.scaling[ADAPTER]).to(local.dtype)
+                weight = DTensor.from_local(rows, weight.device_mesh, weight.placements, shape=weight.shape,
+                                            stride=weight.stride())
+            else:
+                whole = (_full(weight).float() + delta_weight(layer)).to(weight.dtype)
+                weight = as_placed(whole, weight)
+        out[unadapted(name)] = weight
+    return out
+
+
+def adapter_state(model: torch.nn.Module, keep=lambda name: True, dtype: torch.dtype | None = None
+                  ) -> dict[str, torch.Tensor]:
     """The adapter tensors in peft's saved format (``base_model.model.<module>.lora_A.weight``),
-    whole and contiguous, for the parameters whose clean name ``keep`` accepts."""
+    whole and contiguous (in ``dtype`` if given), for the parameters whose clean name ``keep``
+    accepts."""
     out = {}
     for name, param in model.named_parameters():
         name = clean_name(name)
         if is_adapter_param(name) and keep(name):
-            out[PEFT_PREFIX + name.replace(f".{ADAPTER}.", ".")] = _full(param).contiguous()
+            tensor = _full(param)
+            out[PEFT_PREFIX + name.replace(f".{ADAPTER}.", ".")] = tensor.to(dtype or tensor.dtype).contiguous()
     return out
 
 
 def save_adapter(model: torch.nn.Module, out: str | Path, base_model: str | None = None,
-                 keep=lambda name: True, write: bool = True) -> int:
+                 keep=lambda name: True, write: bool = True, dtype: torch.dtype | None = None) -> int:
     """Write the adapter as peft does (``adapter_config.json``, ``adapter_model.safetensors``);
     only the modules ``keep`` accepts. Returns the bytes of the tensors written. ``write=False``
     gathers without writing (sharded ranks other than the writer)."""
     from safetensors.torch import save_file
 
-    state = adapter_state(model, keep)
+    state = adapter_state(model, keep, dtype)
     if not write:
         return 0
     out = Path(out)

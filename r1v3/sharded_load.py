@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,13 +116,6 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> int:
     try:
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if is_adapter_param(name):  # a LoRA tensor, not in the checkpoint: peft's start values
-                    init_adapter_shard(name, param.to_local() if isinstance(param, DTensor) else param.data)
-                    continue
-                file, key = keys[unadapted(clean_name(name))]
-                if file not in files:
-                    files[file] = safe_open(file, "pt")
-                stored = files[file].get_slice(key)
                 if isinstance(param, DTensor):
                     local = param.to_local()
                     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
@@ -129,6 +123,13 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> int:
                     start, rows = (offset[0], shape[0]) if param.dim() else (0, 0)
                 else:
                     local, start, rows = param.data, 0, param.shape[0] if param.dim() else 0
+                if is_adapter_param(name):  # a LoRA tensor, not in the checkpoint: peft's start values
+                    local.copy_(adapter_start(clean_name(name), param.shape)[start:start + rows])
+                    continue
+                file, key = keys[unadapted(clean_name(name))]
+                if file not in files:
+                    files[file] = safe_open(file, "pt")
+                stored = files[file].get_slice(key)
                 if list(stored.get_shape()) == list(param.shape):
                     part = stored[start:start + rows] if param.dim() else files[file].get_tensor(key)
                 else:  # a whole tensor stored transposed (released Qwen3-VL-MoE experts)
@@ -140,21 +141,24 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> int:
     return largest
 
 
-def init_adapter_shard(name: str, local: torch.Tensor) -> None:
-    """peft's default start of a LoRA linear (``reset_lora_parameters``): A Kaiming-uniform with
-    a = √5, B zero, so the adapted model starts as the base. A is sharded by rows (rank), so each
-    rank's rows draw from the same distribution as a whole A would."""
+def adapter_start(name: str, shape: torch.Size) -> torch.Tensor:
+    """peft's default start of a LoRA linear (``reset_lora_parameters``): A uniform in ±1/√fan_in
+    (Kaiming with a = √5), B zero, so the adapted model starts as the base. Drawn whole from a
+    generator seeded by the name, so every rank takes its own rows of one and the same A (ranks
+    drawing their rows independently from equal seeds would hold copies of one block)."""
     if ".lora_B." in name:
-        local.zero_()
-    else:
-        torch.nn.init.kaiming_uniform_(local, a=math.sqrt(5))
+        return torch.zeros(shape)
+    seed = (torch.initial_seed() + zlib.crc32(name.encode())) % 2**63
+    bound = 1 / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed))
 
 
-def save_sharded(model: torch.nn.Module, out: str | Path) -> bool:
+def save_sharded(model: torch.nn.Module, out: str | Path, params: dict[str, torch.Tensor] | None = None) -> bool:
     """Write a sharded model as an HF safetensors checkpoint without gathering it: every rank saves
     its shards, then rank 0 consolidates them file by file (torch's ``HuggingFaceStorageWriter``),
-    under the names transformers' own mapping gives. A collective. False (nothing written) when
-    the checkpoint layout is not a one-to-one renaming of the parameters."""
+    under the names transformers' own mapping gives. ``params`` replaces the model's parameters
+    (name → sharded tensor: a LoRA model's merged weights). A collective. False (nothing written)
+    when the checkpoint layout is not a one-to-one renaming of the parameters."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
@@ -163,8 +167,8 @@ def save_sharded(model: torch.nn.Module, out: str | Path) -> bool:
 
     from r1v3.distributed import clean_name
 
-    state = {}
-    for name, param in model.named_parameters():  # a tied weight once, as save_pretrained stores it
+    state = dict(params) if params is not None else {}
+    for name, param in model.named_parameters() if params is None else ():  # a tied weight once, as save_pretrained does
         state[clean_name(name)] = param.detach()
     for name, buffer in model.named_buffers():
         owner, _, leaf = name.rpartition(".")

@@ -46,6 +46,11 @@ class Recorder(Callback):
         self.local_numel = sum(t.numel() for t in local)
         self.local_bytes = sum(t.numel() * t.element_size() for t in local)
         self.full_numel = sum(p.numel() for p in params)
+        adapters = [p for n, p in module.model.named_parameters() if ".lora_A." in n]
+        if adapters:  # as loaded: one A drawn whole, each rank holding its own rows (a collective)
+            whole = adapters[0].full_tensor() if hasattr(adapters[0], "full_tensor") else adapters[0]
+            self.adapter_rows_distinct = torch.unique(whole.detach(), dim=0).shape[0] == whole.shape[0]
+            self.adapter_bound = float(whole.abs().max() * whole.shape[1] ** 0.5)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.record_grads and trainer.global_step == 1 and not self.recorded:
@@ -171,7 +176,9 @@ def main(spec_path: str) -> None:
               "steps": recorder.steps, "param_types": recorder.param_types, "units": recorder.units,
               "local_numel": recorder.local_numel, "full_numel": recorder.full_numel,
               "local_bytes": recorder.local_bytes, "sharded": fsdp.is_sharded(stage.model),
-              "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}
+              "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+              "adapter_rows_distinct": getattr(recorder, "adapter_rows_distinct", None),
+              "adapter_bound": getattr(recorder, "adapter_bound", None)}
     if spec.get("check_reference"):  # the sharded reference against a plain copy, on this rank's last rollouts
         from r1v3.backbone import load_backbone
 

@@ -311,6 +311,9 @@ def test_lora_grpo_sharded(tmp_path, tiny_dirs, synth_dir):
                    strategy_args={"activation_checkpointing": True}, export_dir=str(tmp_path / "export"),
                    grpo={"kl_coef": 0.05, "micro_batch_tokens": 64}, check_reference=True, check_prefix=True)
     assert [r["global_step"] for r in ranks] == [2, 2]
+    # read shard by shard, the adapters start as peft starts them: A uniform in ±1/sqrt(fan_in), one
+    # matrix whose rows the ranks split (not the same rows drawn on each rank)
+    assert all(r["adapter_rows_distinct"] and r["adapter_bound"] <= 1.0 for r in ranks), ranks
     for r in ranks:
         assert r["reference_is_policy"] and r["reference_types"] == ["DTensor"] and r["reference_gap"] < 1e-4, r
         assert r["prefix"]["shares"] and r["prefix"]["checkpointed"], r["prefix"]

@@ -215,9 +215,19 @@ def test_shared_prompt_pass_with_adapters_matches_per_row(tiny_dirs, synth_dir, 
 @pytest.mark.parametrize("lora, trainable, message", [
     (LoraConfig(groups=["llm"]), ["llm", "connector"], "both in `trainable`"),
     (LoraConfig(groups=["text"]), ["connector"], "unknown groups"),
+    (LoraConfig(groups=["llm"], dropout=1.5), ["connector"], "dropout"),
     (LoraConfig(groups=["llm"], target_modules=["qkv"]), ["connector"], "matches target_modules"),
 ])
 def test_a_bad_adapter_plan_is_one_clear_error(tiny_dirs, lora, trainable, message):
-    stage = SFTStage(str(tiny_dirs["internvl"]), trainable=trainable, lora=lora)
     with pytest.raises(BackboneError, match=message):
+        SFTStage(str(tiny_dirs["internvl"]), trainable=trainable, lora=lora).configure_model()
+
+
+def test_an_adapter_on_a_tied_head_is_refused(tmp_path):
+    # the head's weight is the input embeddings': merging an adapter into it would change both
+    from r1v3.tools.tiny import build_tiny
+
+    model_dir = build_tiny("qwen2_5_vl", tmp_path / "tied", tied=True)
+    stage = SFTStage(str(model_dir), trainable=[], lora=LoraConfig(groups=["llm"], target_modules=["lm_head"]))
+    with pytest.raises(BackboneError, match="ties its output head"):
         stage.configure_model()

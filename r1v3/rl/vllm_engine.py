@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from r1v3.distributed import clean_name
+from r1v3.errors import UserError
 from r1v3.lora import has_adapters, output_head_name, save_adapter, unadapted
 from r1v3.moe import released_expert_tensors
 from r1v3.processors import completed_checkpoint
@@ -146,8 +147,11 @@ class VLLMEngine:
         self.adapter_groups: tuple[str, ...] = ()
         if adapter_rank:
             # vLLM sizes its LoRA buffers for a rank from a fixed list; the adapter may be smaller.
+            if adapter_rank > VLLM_LORA_RANKS[-1]:
+                raise UserError(f"lora.r = {adapter_rank} is above the largest adapter rank vLLM holds "
+                                f"({VLLM_LORA_RANKS[-1]}); lower it or set lora.engine_sync: merged")
             kwargs.update(enable_lora=True, max_loras=1,
-                          max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= min(adapter_rank, VLLM_LORA_RANKS[-1])))
+                          max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= adapter_rank))
             self.adapter_groups = ("llm",)  # vLLM adapts the language model; towers get merged weights
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
             self._adapter_dir = tempfile.TemporaryDirectory(prefix="r1v3-adapter-", dir=shm)
@@ -317,14 +321,19 @@ class VLLMEngine:
                 "adapter_mb": adapter_bytes / 2**20}
 
     def _push_adapter(self, model: torch.nn.Module, keep: Callable[[str], bool]) -> int:
-        """Write the adapter of the modules ``keep`` accepts (peft's format) where vLLM reads it,
-        and make the next requests use it; ``load_inplace`` makes vLLM reload the same adapter id.
-        Returns its bytes."""
+        """Write the adapter of the modules ``keep`` accepts (peft's format, the engine's dtype)
+        where vLLM reads it, under a new adapter id that the next requests carry, and drop the
+        previous one. (``load_inplace`` with one id would make vLLM re-read the files at every
+        scheduler step.) Returns its bytes."""
         from vllm.lora.request import LoRARequest
 
         path = self._adapter_dir.name
-        size = save_adapter(model, path, keep=keep)
-        self.lora_request = LoRARequest("policy", 1, path, load_inplace=True)
+        size = save_adapter(model, path, keep=keep, dtype=self.llm.llm_engine.model_config.dtype)
+        previous = self.lora_request
+        # (none when the only adapted llm layer is the head, which travels merged)
+        self.lora_request = LoRARequest(f"policy-{self.syncs}", self.syncs, path) if size else None
+        if previous is not None and previous.lora_int_id in self.llm.llm_engine.list_loras():
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
         return size
 
     def sleep(self) -> None:

@@ -107,6 +107,8 @@ class R1V3Module(LightningModule):
         self.optim = optimizer or OptimizerConfig()
         # A checkpoint's hparams may hold the settings as a plain dict.
         self.load_config = load if isinstance(load, bb.LoadConfig) else bb.LoadConfig(**(load or {}))
+        if self.lora.enabled:  # before a long load
+            lora_adapters.check_plan(self.lora, self.trainable, list(self.load_config.groups or bb.GROUP_NAMES))
         self.max_new_tokens = max_new_tokens
         self.export_dir = export_dir
         # The processor is needed before configure_model: the datamodule collates with it.
@@ -365,16 +367,22 @@ class R1V3Module(LightningModule):
 
     def export_with_adapter(self, out: Path) -> Path:
         """Under LoRA: the merged model (W + scale·B·A) in ``out``, which plain transformers loads,
-        and the adapter alone in ``out/adapter`` (peft's format, base: ``model_path``). Sharded, a
-        collective: every tensor is gathered in turn and only rank 0 keeps and writes it."""
+        and the adapter alone in ``out/adapter`` (peft's format, base: ``model_path``). Under FSDP2
+        each rank merges and writes its own rows, as the plain sharded export does; otherwise
+        every tensor is merged whole in turn, and only the writing rank keeps it."""
         sharded = fsdp.is_sharded(self.model)
         writer = not sharded or torch.distributed.get_rank() == 0
-        state = {name: tensor.cpu() for name, tensor in lora_adapters.model_weights(self.model) if writer}
-        lora_adapters.save_adapter(self.model, out / "adapter", base_model=str(self.model_path), write=writer)
-        if writer:
-            self.model.save_pretrained(out, state_dict=state)
+
+        def merged() -> dict[str, torch.Tensor]:
+            return {name: tensor.cpu() for name, tensor in lora_adapters.model_weights(self.model) if writer}
+        if sharded:
+            fsdp.export_sharded(self, out, gather=merged,
+                                params=lora_adapters.merged_shards(self.model) if fsdp.is_fsdp2(self.model) else None)
+        else:
+            self.model.save_pretrained(out, state_dict=merged())
             write_released_layout(out)
             processors.save_processor(self.processor, out)
+        lora_adapters.save_adapter(self.model, out / "adapter", base_model=str(self.model_path), write=writer)
         if sharded:
             torch.distributed.barrier()
         return out

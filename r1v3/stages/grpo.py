@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 
 from r1v3 import backbone as bb
 from r1v3 import fsdp
-from r1v3.distributed import max_over_ranks
+from r1v3.distributed import clean_name, max_over_ranks
 from r1v3.encoding import PromptEncoder
 from r1v3.lora import LoraConfig
 from r1v3.rewards import load_reward
@@ -176,12 +176,12 @@ class GRPOStage(PolicyUpdate, R1V3Module):
             self.engine.encoder = self.encoder
 
     def configure_model(self) -> None:
-        fresh = self.model is None
         super().configure_model()
-        if self.lora.enabled and fresh and self.trainable and (self.hparams.kl_coef > 0 or self.wants_reference):
+        needed = self.hparams.kl_coef > 0 or self.wants_reference
+        if self.lora.enabled and self.trainable and needed and self.initial_weights is None:
             # The reference is the initial policy: the base without adapters, and the groups that
             # train fully as they were loaded (only these are copied; resume restores after this).
-            self.initial_weights = {name: p.detach().clone() for group in self.trainable
+            self.initial_weights = {clean_name(name): p.detach().clone() for group in self.trainable
                                     for name, p in self.backbone.group_parameters()[group]}
         if self.hparams.kl_coef > 0:
             self.reference_model()

@@ -14,7 +14,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from r1v3.distributed import is_sharded
+from r1v3.distributed import as_placed, clean_name, is_sharded, reshard
+from r1v3.errors import UserError
 from r1v3.lora import adapters_disabled
 from r1v3.rl import scoring
 from r1v3.rl.correction import mismatch_metrics
@@ -143,17 +144,22 @@ class PolicyUpdate:
             yield
             return
         if self.trainable and self.initial_weights is None:
-            raise RuntimeError("the LoRA reference needs the initial weights of the fully trained groups, which "
-                               "are kept only when kl_coef > 0 or a KL monitor asks before the model is built")
-        params = dict(self.model.named_parameters())
-        current = {name: params[name].detach().clone() for name in self.initial_weights or {}}
+            raise UserError("the LoRA reference needs the loaded weights of the fully trained groups, kept only when "
+                            "kl_coef > 0 or a KL monitor is attached when the model is built")
+        swap = self.initial_weights or {}
+        # Sharded parameters are swapped in their sharded form: units a no-grad forward left
+        # gathered (reshard_after_forward: false) are put back first.
+        reshard(self.model)
+        params = {clean_name(n): p for n, p in self.model.named_parameters()}
+        current = {name: params[name].detach().clone() for name in swap}
         with torch.no_grad():
-            for name, initial in (self.initial_weights or {}).items():
-                params[name].copy_(initial)
+            for name, initial in swap.items():
+                params[name].copy_(as_placed(initial, params[name]))
         try:
             with adapters_disabled(self.model):
                 yield
         finally:
+            reshard(self.model)
             with torch.no_grad():
                 for name, value in current.items():
                     params[name].copy_(value)
