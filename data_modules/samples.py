@@ -20,6 +20,15 @@ REQUIRED_FIELDS = ("question", "answer")
 
 
 TRUNCATED = "__truncated__"  # index marker: the member's bytes run past the end of the file
+UNSAFE = "__unsafe_name__"  # index marker: an absolute or ``..`` member name
+
+
+def unsafe_name(name: str) -> bool:
+    """A member name that would point outside a directory it were extracted into: absolute, or
+    with a ``..`` part. Nothing is ever extracted, but such a shard was not written by a tool that
+    can be trusted with its other contents either."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts
 
 
 def index_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -40,6 +49,8 @@ def index_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                 key, _, ext = base.partition(".")
                 entry = samples.setdefault(os.path.join(dirname, key), {})
                 entry[ext] = (member.offset_data, member.size)
+                if unsafe_name(member.name):
+                    entry[UNSAFE] = (0, 0)
                 if member.offset_data + member.size > file_size:
                     entry[TRUNCATED] = (0, 0)
     except (tarfile.TarError, EOFError, OSError) as err:
@@ -52,6 +63,8 @@ def index_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 
 def decode_sample(key: str, members: dict, read: Callable[[str], bytes]) -> tuple[dict | None, str]:
     """(sample, "") or (None, reason). Never raises on bad data."""
+    if UNSAFE in members:
+        return None, "unsafe_member_name"
     if TRUNCATED in members:
         return None, "truncated_shard"
     if "json" not in members:

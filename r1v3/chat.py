@@ -65,7 +65,8 @@ class ParsedResponse:
 
     @property
     def well_formed(self) -> bool:
-        """``<think>…</think>`` then a non-empty answer: the paper's format condition."""
+        """Exactly one ``<think>…</think>`` pair, then a non-empty answer: the paper's format
+        condition."""
         return self.think is not None and bool(self.answer_text.strip())
 
 
@@ -88,7 +89,9 @@ def last_boxed(text: str) -> str | None:
 
 def parse_response(text: str) -> ParsedResponse:
     match = _THINK_RE.match(text)
-    if match and THINK_OPEN not in match.group("think"):
+    # exactly one <think>…</think> pair: no tag inside the thought, none after it
+    if match and THINK_OPEN not in match.group("think") and not any(
+            tag in match.group("answer") for tag in (THINK_OPEN, THINK_CLOSE)):
         think, answer = match.group("think"), match.group("answer")
     else:
         think, answer = None, text

@@ -28,6 +28,9 @@ def good_samples(synth_dir, n):
     return [s for b in stream for s in b["samples"]][:n]
 
 
+UNSAFE_NAMES = ("/tmp/r1v3-absolute", "../r1v3-parent", "a/../../r1v3-nested", "C:/r1v3-drive")
+
+
 def write_catalogue_shard(path: Path, good: list[dict]) -> dict[str, int]:
     """Good samples interleaved with one sample per kind of damage; returns the expected skips."""
     image = png_bytes(good[0]["images"][0])
@@ -55,7 +58,10 @@ def write_catalogue_shard(path: Path, good: list[dict]) -> dict[str, int]:
                 add(tar, f"{key}.img{j}.png", data)
         add(tar, "latin1.json", json.dumps(record).encode().replace(b'"question": "', b'"question": "\xff\xfe'))
         add(tar, "latin1.img0.png", image)
-    expected = {}
+        for name in UNSAFE_NAMES:  # otherwise good samples under names that leave the directory
+            add(tar, f"{name}.json", json.dumps(record).encode())
+            add(tar, f"{name}.img0.png", image)
+    expected = {"unsafe_member_name": len(UNSAFE_NAMES)}
     for _, _, reason in bad.values():
         expected[reason] = expected.get(reason, 0) + 1
     expected["not_utf8"] = 1
@@ -94,7 +100,11 @@ def test_every_kind_of_damage_is_skipped_and_counted_while_training_finishes(tmp
     trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
-    planned = 12 + 8 + 4  # good + bad in the first shard, then the truncated shard's samples
+    planned = 12 + 8 + len(UNSAFE_NAMES) + 4  # good + bad in the first shard, then the truncated shard's samples
     assert trainer.global_step == planned // 4, "no batch lost: every planned batch trained"
     assert model.skipped == expected
+    # read in place, never extracted: nothing of those names appeared where they point
+    places = {Path("/tmp"), tmp_path, tmp_path.parent, Path.cwd(), Path.cwd().parent}
+    leaked = [p for d in places for p in d.iterdir() if p.name.startswith(("r1v3-absolute", "r1v3-parent", "r1v3-nested", "r1v3-drive", "C:"))]
+    assert not leaked, leaked
     assert trainer.logged_metrics["data/skipped"] == sum(expected.values())
