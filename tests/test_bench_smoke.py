@@ -62,6 +62,18 @@ def test_lora_bench_smoke(tmp_path):
     assert 0 < ratios["over_full"]["tiny/lora"]["sync_payload_mb"] < 0.5  # adapter + connector vs llm + connector
 
 
+def test_long_run_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "long_run.py"), "--size", "tiny", "--rollout", "hf",
+                          "--steps", "6", "--from-step", "2", "--plot", str(tmp_path / "memory.png"),
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["step"] for r in result["series"]] == [1, 2, 3, 4, 5, 6]
+    assert result["malloc_mmap_threshold"] == "1048576"  # the child runs with the stated allocator setting
+    assert result["rss_anon"]["at_from_step_mb"] > 100 and abs(result["uss"]["growth"]) < 1
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_memory_8bit_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "memory_8bit.py"), "--size", "tiny", "--steps", "2",
                           "--configs", "fp32", "fp32-in-backward", "--workdir", str(tmp_path)],
