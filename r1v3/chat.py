@@ -65,8 +65,7 @@ class ParsedResponse:
 
     @property
     def well_formed(self) -> bool:
-        """Exactly one ``<think>…</think>`` pair, then a non-empty answer: the paper's format
-        condition."""
+        """``<think>…</think>`` then a non-empty answer: the paper's format condition."""
         return self.think is not None and bool(self.answer_text.strip())
 
 
@@ -89,9 +88,7 @@ def last_boxed(text: str) -> str | None:
 
 def parse_response(text: str) -> ParsedResponse:
     match = _THINK_RE.match(text)
-    # exactly one <think>…</think> pair: no tag inside the thought, none after it
-    if match and THINK_OPEN not in match.group("think") and not any(
-            tag in match.group("answer") for tag in (THINK_OPEN, THINK_CLOSE)):
+    if match and THINK_OPEN not in match.group("think"):
         think, answer = match.group("think"), match.group("answer")
     else:
         think, answer = None, text
