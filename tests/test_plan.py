@@ -82,3 +82,21 @@ data:
     assert main(["fit", "--config", str(config), "--plan"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("r1v3: error: plan: does not fit")
+
+
+def test_a_lora_plan_counts_the_adapters_and_loads_no_reference(repo, capsys):
+    # configs/variants/lora.yaml on the 38B recipe: rank-16 adapters on every linear layer of the
+    # Qwen2.5-32B language model (64 layers; q, o 5120+5120, k, v 5120+1024, gate, up, down
+    # 5120+27648 wide: 131,072 per layer), the connector trained fully, and the KL reference is the
+    # policy with its adapters off
+    lora = GRPO_38B + ["--config", "configs/variants/lora.yaml", "--host-memory", "1024",
+                       "--model.init_args.kl_coef", "0.01"]
+    full = run(GRPO_38B + ["--host-memory", "1024", "--model.init_args.kl_coef", "0.01"], capsys)
+    result = run(lora, capsys)
+    assert result["adapter_params"] == 16 * 64 * 131_072
+    assert result["total_params"] == full["total_params"] + result["adapter_params"]
+    terms, ranks = result["terms_gb"], result["ranks"]
+    assert result["trainable_params"] < full["trainable_params"] / 100
+    assert terms["gradients"] == pytest.approx(result["trainable_params"] * 4 / ranks / 1e9, abs=1e-3)
+    assert terms["reference"] == 0 < full["terms_gb"]["reference"]
+    assert terms["host_load"] == pytest.approx(full["terms_gb"]["host_load"] / 2, rel=0.01)

@@ -87,6 +87,15 @@ class Run:
     rollout: str = "hf"
     vllm: dict = field(default_factory=dict)
     attn_implementation: str = "sdpa"
+    lora: dict = field(default_factory=dict)  # the stage's lora settings (groups, r, target_modules)
+
+
+def adapter_params(run: Run, counts: dict) -> int:
+    """Parameters of the LoRA adapters a run adds: r × (in + out) per adapted linear layer."""
+    groups, r = run.lora.get("groups") or [], int(run.lora.get("r", 16))
+    wanted = set(run.lora.get("target_modules") or [])
+    return sum(r * width for group in groups for leaf, width in counts.get("linear_widths", {}).get(group, {}).items()
+               if not wanted or leaf in wanted)
 
 
 def run_of(config: dict, gpus: int | None = None) -> Run:
@@ -116,7 +125,7 @@ def run_of(config: dict, gpus: int | None = None) -> Run:
         cpu_offload=bool(strategy_args.get("cpu_offload")),
         optimizer=str((args.get("optimizer") or {}).get("name", "adamw")), kl_coef=float(args.get("kl_coef", 0.0)),
         micro_batch_tokens=tokens, rollout=str(args.get("rollout", "hf")), vllm=dict(args.get("vllm") or {}),
-        attn_implementation=str(load.get("attn_implementation") or "sdpa"))
+        attn_implementation=str(load.get("attn_implementation") or "sdpa"), lora=dict(args.get("lora") or {}))
 
 
 def layer_activation_bytes(text, compute: int, native_gqa: bool = False) -> float:
@@ -146,8 +155,12 @@ def layer_activation_bytes(text, compute: int, native_gqa: bool = False) -> floa
 
 def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: float | None) -> dict:
     """Per-rank memory terms in bytes, the peaks, and the verdict."""
-    total = counts["total"]
-    trainable = sum(n for group, n in counts["groups"].items() if group in run.trainable)
+    # Under LoRA the adapters add parameters that all train, and the KL reference is the policy
+    # with its adapters off (r1v3.lora): no second copy of the model.
+    adapters = adapter_params(run, counts)
+    lora = bool(run.lora.get("groups"))
+    total = counts["total"] + adapters
+    trainable = sum(n for group, n in counts["groups"].items() if group in run.trainable) + adapters
     w = max(run.ranks, 1) if run.sharded else 1  # without FSDP every rank holds everything
     master = 4 if run.mixed_bf16 else DTYPE_BYTES[run.load_dtype]  # r1v3 upcasts shards under bf16 compute
     compute = 2 if run.mixed_bf16 or DTYPE_BYTES[run.load_dtype] == 2 else 4
@@ -169,7 +182,7 @@ def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: fl
                            + (largest_unit + counts["fsdp_root"]) * 4 * (trainable > 0)) if w > 1 else 0.0,
         "activations": activations,
         "logits": tokens * text.vocab_size * (compute + 8),
-        "reference": total * DTYPE_BYTES[run.load_dtype] / w if run.kl_coef > 0 else 0.0,
+        "reference": total * DTYPE_BYTES[run.load_dtype] / w if run.kl_coef > 0 and not lora else 0.0,
     }
     resident = ["parameters", "gradients", "optimizer", "reference"]
     offloaded = {"parameters", "gradients", "optimizer"} if run.cpu_offload and run.accelerator == "gpu" else set()
@@ -193,7 +206,7 @@ def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: fl
     host_terms = {
         # FSDP2 over several ranks reads each rank's rows only (r1v3.sharded_load); else the whole
         # checkpoint per rank (its anonymous copy when the load converts dtypes).
-        "host_load": total * DTYPE_BYTES[run.load_dtype] / w * (2 if run.kl_coef > 0 else 1),
+        "host_load": total * DTYPE_BYTES[run.load_dtype] / w * (2 if run.kl_coef > 0 and not lora else 1),
         "host_vllm_sleep": vllm_host,
         "host_offload": sum(terms[k] for k in offloaded),
     }
@@ -215,7 +228,8 @@ def plan(run: Run, counts: dict, text, gpu_memory: float | None, host_memory: fl
         verdict = (f"does not fit: {where} memory needs {need / GB:.1f} GB per "
                    f"{'rank' if where == 'device' else 'node'}{when}, has {have / GB:.1f} GB; largest term {largest} "
                    f"({source[largest] / GB:.1f} GB)")
-    return {"stage": run.stage, "ranks": run.ranks, "sharded": run.sharded, "total_params": total, "trainable_params": trainable,
+    return {"stage": run.stage, "ranks": run.ranks, "sharded": run.sharded, "total_params": total,
+            "trainable_params": trainable, "adapter_params": adapters,
             "terms_gb": {k: round(v / GB, 3) for k, v in {**terms, **host_terms}.items()},
             "device_peak_gb": round(device_peak / GB, 3), "host_per_rank_gb": round(host_per_rank / GB, 3),
             "host_per_node_gb": round(host_per_node / GB, 3),

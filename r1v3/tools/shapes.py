@@ -89,7 +89,7 @@ def count(config, groups: dict[str, list[str]] | None = None) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from r1v3.backbone import detect_family, resolve_groups, split_parameters
+    from r1v3.backbone import detect_family, group_of, resolve_groups, split_parameters
     from r1v3.fsdp import sharding_units
 
     with torch.device("meta"):
@@ -106,7 +106,17 @@ def count(config, groups: dict[str, list[str]] | None = None) -> dict:
         units[kind] += 1
         largest[kind] = max(largest.get(kind, 0), sum(p.numel() for p in own))
     root = sum(p.numel() for p in model.parameters() if id(p) not in claimed)
+    # For LoRA plans: per group and layer name, the summed in + out widths of the linear layers
+    # (an adapter of rank r on a layer has r × (in + out) parameters); the output head is left out,
+    # as r1v3's default targets leave it.
+    head, named_groups = model.get_output_embeddings(), resolve_groups(family, groups)
+    widths: dict[str, Counter] = {g: Counter() for g in per_group}
+    for name, module in model.named_modules():
+        group = group_of(name + ".weight", named_groups)
+        if isinstance(module, torch.nn.Linear) and module is not head and group in widths:
+            widths[group][name.rsplit(".", 1)[-1]] += module.in_features + module.out_features
     return {"family": family, "total": sum(per_group.values()), "groups": per_group,
+            "linear_widths": {g: dict(c) for g, c in widths.items()},
             "fsdp_units": {kind: {"count": units[kind], "largest": largest[kind]} for kind in units},
             "fsdp_root": root}
 
