@@ -192,6 +192,11 @@ def main(spec_path: str) -> None:
     if spec.get("check_prefix"):
         record["prefix"] = compare_prefix(stage)
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+    # Leave with the process group's threads joined: twice in this session a 2-process run that
+    # had finished aborted at exit ("terminate called without an active exception", -6) under a
+    # loaded machine, once in CI, which looks like a joinable gloo thread destroyed at exit.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
