@@ -53,16 +53,14 @@ class PromptCache(DynamicCache):
 
     def __init__(self):
         super().__init__()
-        self.stored: set[int] = set()
         self.read_only = False
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.read_only:
             layer = self.layers[layer_idx]
             return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
-        if layer_idx in self.stored:
+        if layer_idx < len(self.layers) and self.layers[layer_idx].is_initialized:  # a replay
             return key_states, value_states
-        self.stored.add(layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def for_rows(self, prompt_index: torch.Tensor) -> "PromptCache":
@@ -83,7 +81,7 @@ def prefill(model: torch.nn.Module, tokens: dict, images: dict, cache=None):
     Without ``cache`` the model's own (growable, for generation) is used."""
     positions, following = prompt_positions(model, tokens, images)
     out = model(**tokens, **images, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **({"past_key_values": cache} if cache is not None else {}))
+                past_key_values=cache)
     return out.past_key_values if cache is None else cache, out.logits[:, -1], following
 
 
