@@ -17,3 +17,17 @@ def run_setting(script: str, argv: list[str], overrides: list[str], what: str, p
     if out.returncode != 0:
         sys.exit(f"{Path(script).stem}: {what} failed:\n{out.stderr[-4000:]}")
     return out.stdout.strip().splitlines()[-1]
+
+
+def internvl_and_shards(work: Path, size: str, n_train: int) -> tuple[Path, Path]:
+    """The InternVL preset of ``size`` and synthetic train shards under ``work``: built by the first
+    setting, reused by the next (the model directory and the train-shard folder)."""
+    from r1v3.data_modules.synthetic import write_synthetic
+    from r1v3.tools.tiny import build_tiny
+
+    model_dir = Path(work) / f"internvl-{size}"
+    if not (model_dir / "config.json").exists():
+        build_tiny("internvl", model_dir, size=size)
+    if not (Path(work) / "data" / "train").exists():
+        write_synthetic(Path(work) / "data", n_train=n_train, n_val=8, n_ood=8)
+    return model_dir, Path(work) / "data" / "train"

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from child import run_setting
+from child import internvl_and_shards, run_setting
 from sharded_load import anon_kb
 
 
@@ -44,13 +44,11 @@ def run(args) -> dict:
     import torch
     from lightning.pytorch import Callback, Trainer
 
-    from r1v3.data_modules.synthetic import write_synthetic
     from r1v3.data_modules.webdata import WebDataModule
     from r1v3.rl.rollout import SamplingConfig
     from r1v3.rl.vllm_engine import VLLMConfig
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.grpo import GRPOStage
-    from r1v3.tools.tiny import build_tiny
 
     class Measure(Callback):
         def __init__(self):
@@ -61,12 +59,7 @@ def run(args) -> dict:
                               "uss_mb": round(uss_kb() / 1024, 1)})
 
     torch.manual_seed(0)
-    work = Path(args.workdir)
-    model_dir = work / f"internvl-{args.size}"
-    if not (model_dir / "config.json").exists():
-        build_tiny("internvl", model_dir, size=args.size)
-    if not (work / "data" / "train").exists():
-        write_synthetic(work / "data", n_train=256, n_val=8, n_ood=8)
+    model_dir, train = internvl_and_shards(Path(args.workdir), args.size, n_train=256)
     stage = GRPOStage(str(model_dir), optimizer=OptimizerConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
                       sampling=SamplingConfig(n=args.group_size, max_new_tokens=args.new_tokens),
                       reward_kwargs={"num_workers": 1}, rollout_log_every=0, rollout=args.rollout,
@@ -75,7 +68,7 @@ def run(args) -> dict:
     trainer = Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       callbacks=[measure], log_every_n_steps=1)
-    trainer.fit(stage, datamodule=WebDataModule(train=str(work / "data" / "train"), batch_size=args.prompts))
+    trainer.fit(stage, datamodule=WebDataModule(train=str(train), batch_size=args.prompts))
     rows = measure.rows
     span = [r for r in rows if r["step"] >= args.from_step]
     out = {"bench": "long_run", "size": args.size, "rollout": args.rollout, "steps": len(rows),

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from child import run_setting
+from child import internvl_and_shards, run_setting
 
 MODES = ("full", "lora", "lora-merged")
 
@@ -59,14 +59,12 @@ def run_one(args) -> dict:
     from lightning.pytorch import Callback, Trainer
     from plan_accuracy import Sampler
 
-    from r1v3.data_modules.synthetic import write_synthetic
     from r1v3.data_modules.webdata import WebDataModule
     from r1v3.lora import LoraConfig
     from r1v3.rl.rollout import SamplingConfig
     from r1v3.rl.vllm_engine import VLLMConfig
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.grpo import GRPOStage
-    from r1v3.tools.tiny import build_tiny
 
     class Collect(Callback):
         def __init__(self):
@@ -81,12 +79,7 @@ def run_one(args) -> dict:
             self.rows.append({k[6:]: float(v) for k, v in m.items() if k.startswith("train/")})
 
     torch.manual_seed(0)
-    work = Path(args.workdir)
-    model_dir = work / f"internvl-{args.size}"
-    if not (model_dir / "config.json").exists():
-        build_tiny("internvl", model_dir, size=args.size)
-    if not (work / "data" / "train").exists():
-        write_synthetic(work / "data", n_train=args.prompts * (args.steps + 2), n_val=8, n_ood=8)
+    model_dir, train = internvl_and_shards(Path(args.workdir), args.size, n_train=args.prompts * (args.steps + 2))
     import peft  # noqa: F401  (imported in both modes before the baseline: its import is not the run's memory)
 
     sampler = Sampler()
@@ -101,7 +94,7 @@ def run_one(args) -> dict:
     trainer = Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       callbacks=[collect], log_every_n_steps=1)
-    trainer.fit(stage, datamodule=WebDataModule(train=str(work / "data" / "train"), batch_size=args.prompts))
+    trainer.fit(stage, datamodule=WebDataModule(train=str(train), batch_size=args.prompts))
     rows = collect.rows[args.warmup:]
 
     def median(key):
