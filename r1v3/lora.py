@@ -188,24 +188,35 @@ def delta_weight(layer) -> torch.Tensor:
     return (b @ a) * layer.scaling[ADAPTER]
 
 
-def model_weights(model: torch.nn.Module, keep=lambda name: True, merge=lambda name: True
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, whole tensor) for each parameter whose clean name ``keep`` accepts, with
-    peft's ``.base_layer`` taken out of the names and each adapted weight whose name ``merge``
-    accepts merged with its adapter (the others stay the base weight).
-    Adapter tensors themselves are not yielded. Under FSDP2 every tensor is gathered: all ranks
-    must iterate in step."""
+def base_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.nn.Module | None]]:
+    """(checkpoint name, parameter, its LoRA layer if it is an adapted weight, else None) for every
+    parameter but the adapters' own: the one walk both merges (whole and per shard) take."""
     layers = adapted_layers(model) if has_adapters(model) else {}
     for name, param in model.named_parameters():
         name = clean_name(name)
-        if is_adapter_param(name) or not keep(name):
+        if is_adapter_param(name):
+            continue
+        adapted = ".base_layer." in name and name.endswith(".weight")
+        yield unadapted(name), param, layers[name.split(".base_layer.")[0]] if adapted else None
+
+
+def merged(weight: torch.Tensor, layer) -> torch.Tensor:
+    """A whole weight with its adapter merged in, in the weight's dtype."""
+    return (weight.float() + delta_weight(layer)).to(weight.dtype)
+
+
+def model_weights(model: torch.nn.Module, keep=lambda name: True, merge=lambda name: True
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, whole tensor) for each parameter whose checkpoint name (peft's
+    ``.base_layer`` taken out) ``keep`` accepts, each adapted weight whose name ``merge`` accepts
+    merged with its adapter (the others stay the base weight).
+    Adapter tensors themselves are not yielded. Under FSDP2 every tensor is gathered: all ranks
+    must iterate in step."""
+    for name, param, layer in base_parameters(model):
+        if not keep(name):
             continue
         tensor = _full(param)
-        if ".base_layer." in name:
-            module, name = name.split(".base_layer.")[0], unadapted(name)
-            if name.endswith(".weight") and merge(name):
-                tensor = (tensor.float() + delta_weight(layers[module])).to(tensor.dtype)
-        yield name, tensor
+        yield name, merged(tensor, layer) if layer is not None and merge(name) else tensor
 
 
 def merged_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -217,15 +228,10 @@ def merged_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     from r1v3.distributed import as_placed
 
-    layers = adapted_layers(model)
     out = {}
-    for name, param in model.named_parameters():
-        name = clean_name(name)
-        if is_adapter_param(name):
-            continue
+    for name, param, layer in base_parameters(model):
         weight = param.detach()
-        if ".base_layer." in name and name.endswith(".weight"):
-            layer = layers[name.split(".base_layer.")[0]]
+        if layer is not None:
             b = layer.lora_B[ADAPTER].weight.detach()
             if isinstance(weight, DTensor) and isinstance(b, DTensor) and weight.placements == b.placements \
                     and weight.to_local().shape[0] == b.to_local().shape[0]:
@@ -235,9 +241,8 @@ def merged_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 weight = DTensor.from_local(rows, weight.device_mesh, weight.placements, shape=weight.shape,
                                             stride=weight.stride())
             else:
-                whole = (_full(weight).float() + delta_weight(layer)).to(weight.dtype)
-                weight = as_placed(whole, weight)
-        out[unadapted(name)] = weight
+                weight = as_placed(merged(_full(weight), layer), weight)
+        out[name] = weight
     return out
 
 

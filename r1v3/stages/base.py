@@ -373,13 +373,13 @@ class R1V3Module(LightningModule):
         sharded = fsdp.is_sharded(self.model)
         writer = not sharded or torch.distributed.get_rank() == 0
 
-        def merged() -> dict[str, torch.Tensor]:
+        def gathered() -> dict[str, torch.Tensor]:
             return {name: tensor.cpu() for name, tensor in lora_adapters.model_weights(self.model) if writer}
         if sharded:
-            fsdp.export_sharded(self, out, gather=merged,
+            fsdp.export_sharded(self, out, gather=gathered,
                                 params=lora_adapters.merged_shards(self.model) if fsdp.is_fsdp2(self.model) else None)
         else:
-            self.model.save_pretrained(out, state_dict=merged())
+            self.model.save_pretrained(out, state_dict=gathered())
             write_released_layout(out)
             processors.save_processor(self.processor, out)
         lora_adapters.save_adapter(self.model, out / "adapter", base_model=str(self.model_path), write=writer)
