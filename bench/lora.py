@@ -36,21 +36,17 @@ MODES = ("full", "lora", "lora-merged")
 
 
 def payload_mb(stage) -> float:
-    """What a sync after an update carries, by the engine's own selection (r1v3.rl.vllm_engine):
-    the fully trained groups' tensors, plus under LoRA either the language model's adapter or,
-    with ``engine_sync: merged``, every block holding an adapted weight."""
-    from r1v3.lora import adapter_state, is_adapter_param, unadapted
-    from r1v3.rl.weight_sync import unit_of
+    """What a sync after an update carries, by the engine's own selection
+    (``r1v3.rl.weight_sync.push_selection``): tensors, plus the adapter where the engine takes one."""
+    from r1v3.lora import adapter_state, model_weights
+    from r1v3.rl.engines import engine_adapter_rank
+    from r1v3.rl.weight_sync import push_selection
 
-    tensors = [p for group in stage.trainable for _, p in stage.backbone.group_parameters()[group]]
-    size = sum(p.numel() * p.element_size() for p in tensors)
-    if stage.lora.enabled and stage.lora.engine_sync == "merged":
-        named = list(stage.model.named_parameters())
-        units = {unit_of(unadapted(n)) for n, _ in named if n.endswith(".base_layer.weight")}
-        size += sum(p.numel() * p.element_size() for n, p in named
-                    if not is_adapter_param(n) and unit_of(unadapted(n)) in units)
-    elif stage.lora.enabled:
-        size += sum(t.numel() * t.element_size() for t in adapter_state(stage.model).values())
+    served = ("llm",) if engine_adapter_rank(stage.lora, stage.model) else ()
+    keep, merge, by_adapter = push_selection(stage.model, stage.backbone.group_of, stage.trainable, served)
+    size = sum(t.numel() * t.element_size() for _, t in model_weights(stage.model, keep, merge))
+    if served:
+        size += sum(t.numel() * t.element_size() for t in adapter_state(stage.model, by_adapter).values())
     return size / 2**20
 
 

@@ -32,14 +32,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from r1v3.distributed import clean_name
 from r1v3.errors import UserError
-from r1v3.lora import has_adapters, output_head_name, save_adapter, unadapted
+from r1v3.lora import has_adapters, save_adapter
 from r1v3.moe import released_expert_tensors
 from r1v3.processors import completed_checkpoint
 from r1v3.rl.rollout import Prompt, Rollouts, SamplingConfig, checkpoint_sampling_settings, warn_ignored_settings
 from r1v3.rl.tp_pool import new_tp_group, pooled
-from r1v3.rl.weight_sync import bucketize, trainable_state, unit_of
+from r1v3.rl.weight_sync import bucketize, push_selection, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -277,25 +276,11 @@ class VLLMEngine:
             return {}
         started = time.perf_counter()
         pushed = pushed_bytes = 0
-        group_of = self.group_of or (lambda n: None)
         served = self.adapter_groups if has_adapters(model) else ()
-        head = output_head_name(model) + "."
-
-        def by_adapter(name: str) -> bool:  # vLLM applies these modules' adapters itself
-            return group_of(name) in served and not name.startswith(head)  # vLLM 0.32 adapts no head
-
-        def changed(name: str) -> bool:  # a fully trained group's tensors, and adapted weights
-            return (groups is None or group_of(name) in groups or name.endswith(".base_layer.weight")) \
-                and not by_adapter(name)
-        # Whole units (see weight_sync) around every changed tensor: an adapted q_proj goes with
-        # its bias and its k/v siblings, which vLLM fuses with it.
-        units = {unit_of(unadapted(n)) for n, _ in model.named_parameters() if changed(clean_name(n))}
+        keep, merge, by_adapter = push_selection(model, self.group_of or (lambda n: None), groups, served, force)
         # Sharded (DTensor) parameters are gathered whole inside trainable_state: a collective per
         # tensor, so every rank must call this in the same order (the stage does, after each update).
-        # Adapted weights go merged, except where the adapter itself travels: those go as the base
-        # weights, on forced pushes only (the engine loaded the same base from the directory).
-        state = trainable_state(model, (lambda name: True) if force else (lambda name: unit_of(unadapted(name)) in units),
-                                self.rename, merge=lambda name: not by_adapter(name))
+        state = trainable_state(model, keep, self.rename, merge)
         # MoE experts: fused in memory, pushed in the layout the engine loaded them from.
         state = (pair for name, tensor in state for pair in released_expert_tensors(name, tensor, self.family))
         experts_pushed = False

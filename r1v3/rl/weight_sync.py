@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from r1v3.lora import model_weights
+from r1v3.distributed import clean_name
+from r1v3.lora import model_weights, output_head_name, unadapted
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|blocks|layer)\.\d+)\.")
 
@@ -54,3 +55,30 @@ def trainable_state(model: torch.nn.Module, keep: Callable[[str], bool], rename:
     ``merge`` accepts carries its adapter merged in; adapter tensors travel separately."""
     for name, tensor in model_weights(model, keep, merge):
         yield rename(name), tensor
+
+
+def push_selection(model: torch.nn.Module, group_of: Callable[[str], str | None], groups: Sequence[str] | None,
+                   served: Sequence[str] = (), force: bool = False):
+    """What a push after an update sends, as three predicates on checkpoint names: (keep: pushed as
+    a tensor, merge: pushed with its adapter merged in, by_adapter: left to the adapter, which the
+    engine applies itself for the ``served`` groups; vLLM 0.32 adapts no output head).
+
+    Pushed as tensors: every transformer block or module (``unit_of``) that holds a tensor of a
+    fully trained group (``groups``; all if None) or an adapted weight the adapter does not carry,
+    whole, since vLLM fuses q/k/v and gate/up. ``force`` pushes everything, the weights the
+    adapter carries as their base (the engine loaded the same base from the directory)."""
+    head = output_head_name(model) + "."
+
+    def by_adapter(name: str) -> bool:
+        return group_of(name) in served and not name.startswith(head)
+
+    def changed(name: str) -> bool:  # a clean parameter name, peft's .base_layer included
+        return (groups is None or group_of(name) in groups or name.endswith(".base_layer.weight")) \
+            and not by_adapter(name)
+
+    def merge(name: str) -> bool:
+        return not by_adapter(name)
+    if force:
+        return (lambda name: True), merge, by_adapter
+    units = {unit_of(unadapted(clean_name(n))) for n, _ in model.named_parameters() if changed(clean_name(n))}
+    return (lambda name: unit_of(name) in units), merge, by_adapter
