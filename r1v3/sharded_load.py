@@ -167,9 +167,8 @@ def save_sharded(model: torch.nn.Module, out: str | Path, params: dict[str, torc
 
     from r1v3.distributed import clean_name
 
-    state = dict(params) if params is not None else {}
-    for name, param in model.named_parameters() if params is None else ():  # a tied weight once, as save_pretrained does
-        state[clean_name(name)] = param.detach()
+    # named_parameters gives a tied weight once, as save_pretrained stores it
+    state = dict(params) if params is not None else {clean_name(n): p.detach() for n, p in model.named_parameters()}
     for name, buffer in model.named_buffers():
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model

@@ -10,8 +10,9 @@ alone stalls at 5.1 nats there, from 6.2).
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from safetensors import safe_open
+from test_grpo_variants import Curves
 
 from r1v3.backbone import BackboneError, LoadConfig
 from r1v3.data_modules.webdata import WebDataModule
@@ -86,14 +87,6 @@ def test_lora_sft_learns_and_exports_merged_and_adapter(sft_start, synth_dir, tm
     assert (logits(adapted, batch) - policy).abs().max() <= 1e-5 * policy.abs().max()
 
 
-class Rewards(Callback):
-    def __init__(self):
-        self.rows = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
-
-
 @pytest.mark.slow
 def test_lora_grpo_raises_the_training_reward(sft_start):
     # tests/test_grpo_variants.py's check for the full fine-tune, with the KL to the reference
@@ -110,7 +103,7 @@ def test_lora_grpo_raises_the_training_reward(sft_start):
     stage.setup("fit")
     stage.configure_model()
     before = weights(stage.model)
-    curves = Rewards()
+    curves = Curves()
     trainer(40, callbacks=[curves]).fit(stage, datamodule=WebDataModule(train=str(data_dir / "train"), batch_size=8))
     rewards = [r["train/reward_mean"] for r in curves.rows]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5

@@ -6,20 +6,12 @@ families, whose vLLM LoRA kernels need Triton (docs/lora.md)."""
 import pytest
 import torch
 
-from test_vllm import greedy, prompts_for, train_a_little
+from test_vllm import collect_engines, greedy, prompts_for, train_a_little  # noqa: F401  (autouse fixture)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("need_vllm")]
 
 ADAPTER_PATH = ("internvl", "internvl3_5", "qwen2_5_vl", "llava", "qwen3_vl")
 MERGED_PATH = ("qwen3_vl_moe", "internvl3_5_moe")
-
-
-@pytest.fixture(autouse=True)
-def collect_engines():
-    import gc
-
-    yield
-    gc.collect()
 
 
 def build_pair(family, model_dir, lora):
@@ -65,12 +57,9 @@ def test_greedy_parity_after_a_lora_update(family, tiny_dirs):
     assert greedy(engine, prompts) == trained, "parity after the sync"
 
 
-def length_reward(items):
-    return [{"reward": min(len(it["response"]) / 40.0, 1.0)} for it in items]
-
-
 def test_lora_grpo_on_the_vllm_engine_sends_the_adapter_each_step(tiny_dirs, synth_dir):
-    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch import Trainer
+    from test_grpo_variants import Curves
 
     from r1v3.data_modules.webdata import WebDataModule
     from r1v3.lora import LoraConfig
@@ -79,17 +68,11 @@ def test_lora_grpo_on_the_vllm_engine_sends_the_adapter_each_step(tiny_dirs, syn
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.grpo import GRPOStage
 
-    class Rows(Callback):
-        rows = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
-
     stage = GRPOStage(str(tiny_dirs["qwen2_5_vl"]), trainable=["connector"], lora=LoraConfig(groups=["llm"], r=8),
                       rollout="vllm", vllm=VLLMConfig(max_model_len=512), sampling=SamplingConfig(n=4, max_new_tokens=12),
-                      reward_fn="test_vllm_lora.length_reward", rollout_log_every=0, kl_coef=0.05,
+                      reward_fn="test_vllm.length_reward", rollout_log_every=0, kl_coef=0.05,
                       optimizer=OptimizerConfig(lr=3e-2, warmup_ratio=0.0, schedule="constant"))
-    rows = Rows()
+    rows = Curves()
     Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1, callbacks=[rows]).fit(
         stage, datamodule=WebDataModule(train=str(synth_dir / "train"), batch_size=2))

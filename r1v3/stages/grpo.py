@@ -181,8 +181,9 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         if self.lora.enabled and self.trainable and needed and self.initial_weights is None:
             # The reference is the initial policy: the base without adapters, and the groups that
             # train fully as they were loaded (only these are copied; resume restores after this).
+            params = self.backbone.group_parameters()
             self.initial_weights = {clean_name(name): p.detach().clone() for group in self.trainable
-                                    for name, p in self.backbone.group_parameters()[group]}
+                                    for name, p in params[group]}
         if self.hparams.kl_coef > 0:
             self.reference_model()
         # Built before fit (tests, demo), the vLLM engine waits for the trainer's call: started

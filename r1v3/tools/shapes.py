@@ -95,8 +95,8 @@ def count(config, groups: dict[str, list[str]] | None = None) -> dict:
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     family = detect_family(config)
-    per_group = {g: sum(p.numel() for _, p in params)
-                 for g, params in split_parameters(model, resolve_groups(family, groups)).items()}
+    named_groups = resolve_groups(family, groups)
+    per_group = {g: sum(p.numel() for _, p in params) for g, params in split_parameters(model, named_groups).items()}
     units, claimed = Counter(), set()
     largest = {}
     for name, unit in reversed(sharding_units(model)):  # inner units first, as fully_shard claims them
@@ -109,7 +109,7 @@ def count(config, groups: dict[str, list[str]] | None = None) -> dict:
     # For LoRA plans: per group and layer name, the summed in + out widths of the linear layers
     # (an adapter of rank r on a layer has r × (in + out) parameters); the output head is left out,
     # as r1v3's default targets leave it.
-    head, named_groups = model.get_output_embeddings(), resolve_groups(family, groups)
+    head = model.get_output_embeddings()
     widths: dict[str, Counter] = {g: Counter() for g in per_group}
     for name, module in model.named_modules():
         group = group_of(name + ".weight", named_groups)
