@@ -131,8 +131,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(raw)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-lora-")
     if args.mode is not None:
-        print(json.dumps(run_one(args)))
-        return
+        print(json.dumps(run_one(args)), flush=True)
+        # A finished LoRA child once aborted in interpreter teardown ("terminate called without an
+        # active exception"), as tests/fsdp_driver.py's runs did; its result is printed by now.
+        sys.stderr.flush()
+        os._exit(0)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
     results = {}
     for size in args.sizes:
