@@ -6,6 +6,7 @@ from r1v3.callbacks.hallucination import HallucinationMonitor
 from r1v3.callbacks.kl_monitor import KLMonitor
 from r1v3.callbacks.lr_alarm import LRInstabilityAlarm
 from r1v3.callbacks.progress import StepProgressBar
+from r1v3.callbacks.rollback import Rollback
 
 __all__ = ["CriticalTokenEntropy", "HallucinationMonitor", "KLMonitor", "LRInstabilityAlarm", "RankedCheckpoint",
-           "StepProgressBar"]
+           "Rollback", "StepProgressBar"]

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from r1v3.stages.health import publish
 from r1v3.distributed import is_sharded
 from r1v3.rl.entropy import masked_mean
 from r1v3.rl.losses import kl_penalty
@@ -57,6 +58,14 @@ class KLMonitor(Callback):
         if hasattr(pl_module, "wants_reference"):
             pl_module.wants_reference = True
 
+    def state_dict(self) -> dict:
+        return {"above": sorted(self._above), "events": list(self.events), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._above = set(state.get("above", []))
+        self.events = [tuple(e) for e in state.get("events", [])]
+        self.history = list(state.get("history", []))
+
     @staticmethod
     def estimates(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
         """Token-mean k1/k2/k3 estimates of KL(π‖π_ref) from samples of π."""
@@ -92,6 +101,7 @@ class KLMonitor(Callback):
     def _alarm(self, trainer, pl_module, name: str, why: str) -> None:
         step = trainer.global_step
         self.events.append((step, name, why))
+        publish(pl_module, name, why)
         rank_zero_warn(f"[r1v3] KL monitor at step {step}: {name} ({why}); action: {self.action}")
         if self.action == "stop":
             trainer.should_stop = True

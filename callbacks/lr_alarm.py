@@ -16,6 +16,8 @@ from typing import Literal, Sequence
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from r1v3.stages.health import publish
+
 
 def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
     """Mean share of repeated word n-grams per text (0 = none repeated, → 1 = one n-gram looped)."""
@@ -47,7 +49,8 @@ class LRInstabilityAlarm(Callback):
             reward_drop: Fire when the mean reward falls by this fraction of its running median.
             repetition: Fire when the rollouts' repeated n-gram share exceeds this.
             ngram: n of the repetition measure.
-            action: ``warn``; ``reduce_lr`` by ``lr_factor``; or ``stop`` training.
+            action: ``warn``; ``reduce_lr`` by ``lr_factor``; or ``stop`` training. Every alarm is
+                also published to the stage, where ``r1v3.callbacks.Rollback`` can act on it.
             lr_factor: Multiplier applied to every learning rate by ``reduce_lr``.
         """
         super().__init__()
@@ -87,6 +90,15 @@ class LRInstabilityAlarm(Callback):
         self.events += [(step, name, why) for name, why in fired]
         return fired
 
+    def state_dict(self) -> dict:
+        # the running medians: a resumed run fires where the uninterrupted one would have
+        return {"history": {k: list(v) for k, v in self.history.items()}, "events": list(self.events)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, values in state.get("history", {}).items():
+            self.history[key].extend(values)
+        self.events = [tuple(e) for e in state.get("events", [])]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = trainer.callback_metrics
         metrics = {k: float(m[f"train/{src}"]) for k, src in
@@ -99,6 +111,7 @@ class LRInstabilityAlarm(Callback):
         for name in SIGNALS:
             pl_module.log(f"alarm/{name}", float(any(n == name for n, _ in fired)))
         for name, why in fired:
+            publish(pl_module, name, why)
             rank_zero_warn(f"[r1v3] LR instability at step {trainer.global_step}: {name} ({why}); action: {self.action}")
             if self.action == "reduce_lr":
                 for optimizer in trainer.optimizers:

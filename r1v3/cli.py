@@ -202,10 +202,10 @@ def _user_error(err: BaseException) -> str | None:
     """The one line for a user's mistake behind ``err``, if it is one: jsonargparse wraps errors
     raised while it builds the config's classes, so the cause chain is followed."""
     from r1v3.errors import UserError
-    from r1v3.stages.base import NonFiniteError
+    from r1v3.stages.health import DivergedError
 
     for cause in _causes(err):
-        if isinstance(cause, (UserError, NonFiniteError, FileNotFoundError)):
+        if isinstance(cause, (UserError, DivergedError, FileNotFoundError)):
             return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     wrapped = [c for c in _causes(err) if "Union subtypes" in str(c) or "Problem with given class_path" in str(c)]
     if wrapped:  # building a configured class failed: show the underlying error, not the config dump

@@ -74,6 +74,28 @@ class Recorder(Callback):
         self.steps.append(row)
 
 
+def fingerprint(model) -> float:
+    """A weighted sum of every full tensor (gathering DTensors is a collective: all ranks call it)."""
+    total = 0.0
+    for i, p in enumerate(model.parameters()):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        total += float((full.detach().double() * (1 + (torch.arange(full.numel()) % 7).reshape(full.shape))).sum()) * (i + 1)
+    return total
+
+
+class RollbackProbe(Callback):
+    """Publishes a ``kl`` alarm at step ``at``, and records the weights' fingerprint at each
+    healthy save and right after the rollback (it runs after Rollback, before the checkpoints)."""
+
+    def __init__(self, at: int, every: int):
+        self.at, self.every, self.prints = at, every, {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self.at or step % self.every == 0:
+            self.prints[step] = fingerprint(module.model)
+
+
 def compare_prefix(stage) -> dict:
     """The shared prompt pass against the per-row computation on this rank's last rollouts, under
     the run's sharding: log-probs, a policy loss and the full (gathered) gradients."""
@@ -150,7 +172,19 @@ def main(spec_path: str) -> None:
     else:
         strategy = "auto"
     callbacks = [recorder := Recorder(str(Path(spec["out"]) / "grads.pt") if spec.get("record_grads") else None)]
-    if spec.get("ckpt_dir"):
+    if spec.get("rollback"):  # an alarm at step `at`, healthy checkpoints every `every` steps
+        from r1v3.callbacks import RankedCheckpoint, Rollback
+
+        at, every = spec["rollback"]["at"], spec["rollback"]["every"]
+
+        class AlarmAt(Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                if trainer.global_step == at:
+                    module.publish_alarm("kl", "scripted")
+        rollback = Rollback(on=["kl"], onset_steps=1)
+        callbacks += [AlarmAt(), rollback, probe := RollbackProbe(at, every),
+                      RankedCheckpoint(dirpath=spec["ckpt_dir"], save_top_k=0, keep_healthy=2, healthy_every_n_steps=every)]
+    elif spec.get("ckpt_dir"):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         callbacks.append(ModelCheckpoint(dirpath=spec["ckpt_dir"], save_last=True, every_n_train_steps=1,
@@ -191,6 +225,8 @@ def main(spec_path: str) -> None:
         record["reference_gap"] = float((sharded - plain)[mask].abs().max())
     if spec.get("check_prefix"):
         record["prefix"] = compare_prefix(stage)
+    if spec.get("rollback"):
+        record["rollbacks"], record["fingerprints"] = rollback.rollbacks, probe.prints
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
     # A finished 2-process run sometimes aborted during interpreter teardown ("terminate called
     # without an active exception", -6): 3 times in 4 CI-sized runs, with the process group

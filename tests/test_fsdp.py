@@ -432,3 +432,17 @@ def test_sharded_load_holds_a_shard_and_one_slice(tmp_path, capsys):
               round(result["sharded"][0]["largest_slice_mb"]), "MB); whole-checkpoint load:",
               [round(r["peak_above_baseline_mb"]) for r in result["full"]], "MB; export above the loaded model:",
               [round(r["export_peak_above_loaded_mb"]) for r in result["sharded"]], "MB")
+
+
+def test_a_rollback_restores_a_sharded_checkpoint_on_every_rank(tmp_path, tiny_dirs, synth_dir):
+    # FSDP2 on 2 processes, healthy (sharded, DCP) checkpoints every 2 steps, an alarm at step 3:
+    # both ranks go back to step 2's weights and optimizer state, and halve the learning rate
+    ranks = launch(tmp_path, stage="grpo", model=str(tiny_dirs["internvl"]), train=str(synth_dir / "train"),
+                   batch_size=2, max_steps=4, lr=1e-2, trainable=["connector"], ckpt_dir=str(tmp_path / "ckpt"),
+                   rollback={"at": 3, "every": 2})
+    for r in ranks:
+        assert [(b["step"], b["restored_step"], b["lr"]) for b in r["rollbacks"]] == [(3, 2, [5e-3])]
+        prints = {int(k): v for k, v in r["fingerprints"].items()}
+        assert prints[3] == prints[2] != prints[4], "step 3 ended on step 2's weights; step 4 trained on"
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+    assert (tmp_path / "ckpt" / "healthy-step=2.ckpt").is_dir(), "a sharded checkpoint is a directory"

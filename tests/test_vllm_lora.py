@@ -85,3 +85,40 @@ def test_lora_grpo_on_the_vllm_engine_sends_the_adapter_each_step(tiny_dirs, syn
         assert row["train/logprob_gap"] < 1e-3
     assert stage.session.pushes == 4 and stage.engine.lora_request is not None  # 3 rollouts + the end of fit
     assert stage.reference is None and all(row["train/kl_ref"] >= 0 for row in rows.rows)
+
+
+def test_a_rollback_pushes_the_restored_policy_whole_and_the_engine_agrees(tiny_dirs, synth_dir, tmp_path):
+    from lightning.pytorch import Callback, Trainer
+    from test_grpo_variants import Curves
+
+    from r1v3.callbacks import RankedCheckpoint, Rollback
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.lora import LoraConfig
+    from r1v3.rl.rollout import SamplingConfig
+    from r1v3.rl.vllm_engine import VLLMConfig
+    from r1v3.stages.base import OptimizerConfig
+    from r1v3.stages.grpo import GRPOStage
+
+    class AlarmAt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                pl_module.publish_alarm("kl", "scripted")
+
+    stage = GRPOStage(str(tiny_dirs["qwen2_5_vl"]), trainable=["connector"], lora=LoraConfig(groups=["llm"], r=8),
+                      rollout="vllm", vllm=VLLMConfig(max_model_len=512), sampling=SamplingConfig(n=4, max_new_tokens=12),
+                      reward_fn="test_vllm.length_reward", rollout_log_every=0,
+                      optimizer=OptimizerConfig(lr=3e-2, warmup_ratio=0.0, schedule="constant"))
+    rows = Curves()
+    rollback = Rollback(on=["kl"], onset_steps=1)
+    Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, log_every_n_steps=1, callbacks=[rows, AlarmAt(), rollback, RankedCheckpoint(
+                dirpath=tmp_path, save_top_k=0, keep_healthy=1, healthy_every_n_steps=2)]).fit(
+        stage, datamodule=WebDataModule(train=str(synth_dir / "train"), batch_size=2))
+    assert [(r["step"], r["restored_step"]) for r in rollback.rollbacks] == [(4, 2)]
+    connector = len(stage.backbone.group_parameters()["connector"])
+    before, after = rows.rows[3], rows.rows[4]  # steps 4 and 5: the rollout after the rollback
+    assert before["train/sync_tensors"] == connector  # an ordinary step: connector + adapter
+    assert after["train/sync_tensors"] > connector, "every tensor of the restored policy is pushed"
+    assert "train/engine_prompt_logprob_gap" in after, "the engine is checked against the trainer again"
+    # the engine sampled from the restored weights: the trainer scores the tokens alike
+    assert after["train/logprob_gap"] < 1e-3 and after["train/engine_prompt_logprob_gap"] < 1e-3

@@ -86,6 +86,12 @@ class EngineSession:
         self.stale = True
         self.force = self.force or force
 
+    def restart(self) -> None:
+        """The policy was replaced by other weights (a rollback): push every tensor at the next
+        entry and compare the engine with the trainer again, as at the first."""
+        self.mark_stale(force=True)
+        self._checks = []
+
     def __enter__(self) -> RolloutEngine:
         self.engine.wake()
         if self.stale:

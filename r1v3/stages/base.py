@@ -26,6 +26,7 @@ from r1v3.encoding import PromptEncoder
 from r1v3.logprobs import gather_logprobs
 from r1v3.moe import RouterAuxLoss, write_released_layout
 from r1v3.rl.rollout import own_generation_config
+from r1v3.stages.health import DivergedError, NonFiniteError, StageHealth  # noqa: F401 - re-exported
 from r1v3.stages.in_backward import OptimizerInBackward
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ class OptimizerConfig:
 torch.serialization.add_safe_globals([OptimizerConfig])
 
 
-class NonFiniteError(ValueError):
-    """Training diverged: too many consecutive updates had a NaN/inf loss or gradient."""
-
-
 def rng_state() -> dict:
     """Python, NumPy and torch CPU RNG states, as types ``torch.load(weights_only=True)`` accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -84,7 +81,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class R1V3Module(LightningModule):
+class R1V3Module(StageHealth, LightningModule):
     """Base of the r1v3 stages. Subclasses implement the steps."""
 
     collate_mode = "sft"
@@ -225,49 +222,6 @@ class R1V3Module(LightningModule):
             return flag
         return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=True))
 
-    # -- non-finite guard ------------------------------------------------------------------------
-    max_nonfinite_in_a_row = 5  # then training stops: the run has diverged, not hit a bad batch
-
-    def skip_nonfinite(self, what: str) -> None:
-        """Count an update skipped for a non-finite loss or gradient; raise after too many in a row."""
-        self._nonfinite_total = getattr(self, "_nonfinite_total", 0) + 1
-        self._nonfinite_run = getattr(self, "_nonfinite_run", 0) + 1
-        rank_zero_warn(f"[r1v3] step {self.global_step}: non-finite {what}, update skipped "
-                       f"({self._nonfinite_run} in a row, {self._nonfinite_total} in all)")
-        self.log("alarm/nonfinite", 1.0)
-        self.log("train/nonfinite_skipped", float(self._nonfinite_total))
-        if self._nonfinite_run >= self.max_nonfinite_in_a_row:
-            raise NonFiniteError(f"{self._nonfinite_run} updates in a row had a non-finite {what} (step "
-                                 f"{self.global_step}); the run has diverged: lower the learning rate or resume "
-                                 "from an earlier checkpoint")
-
-    def finite_update(self) -> None:
-        self._nonfinite_run = 0
-        if getattr(self, "_nonfinite_total", 0):  # 0 between alarms: a step metric's last value repeats
-            self.log("alarm/nonfinite", 0.0)
-
-    def gradients_finite(self) -> bool:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if isinstance(optimizer, OptimizerInBackward):  # the backward has already stepped
-            if optimizer.nonfinite:
-                optimizer.nonfinite = 0
-                self.skip_nonfinite("gradient (those parameters kept their weights)")
-            else:
-                self.finite_update()
-            return
-        # Automatic optimization (SFT): with every gradient set to None, torch optimizers leave the
-        # parameters and their moment estimates untouched, which is a skipped update.
-        if self.automatic_optimization and any(p.grad is not None for p in self.model.parameters()):
-            # (no gradient at all: training_step skipped this batch and has counted it already)
-            if self.gradients_finite():
-                self.finite_update()
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                self.skip_nonfinite("gradient")
-
     # -- exact resume --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning restores weights, optimizer, scheduler, loops and the data position (the data
@@ -279,6 +233,7 @@ class R1V3Module(LightningModule):
             torch.distributed.all_gather_object(states, state)
             state = {"per_rank": states}
         checkpoint["r1v3_rng"] = state
+        self.save_health(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("r1v3_rng")
@@ -286,6 +241,7 @@ class R1V3Module(LightningModule):
             ranks = state["per_rank"]  # a resume on another world size keeps rank 0's stream for all
             state = ranks[self.global_rank] if self.global_rank < len(ranks) else ranks[0]
         self._rng_to_restore = state
+        self.load_health(checkpoint)
 
     def on_train_start(self) -> None:
         # Restored here rather than at load time: fit set-up between loading and the first step

@@ -15,6 +15,7 @@ count optimizer updates, as everywhere in Lightning.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Literal, Sequence
 
 import torch
@@ -39,6 +40,11 @@ from r1v3.stages.base import OptimizerConfig, R1V3Module
 from r1v3.stages.grpo_update import PolicyUpdate
 from r1v3.stages.rollout_log import RolloutTable
 
+
+# Lightning warns that a checkpoint taken every N steps under manual optimization holds the weights
+# after the step's update, and suggests keeping copies from before it. For GRPO that is what a
+# checkpoint should hold: global_step already counts the update, and a resume starts after it.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 # Like verl's max_num_gen_batches for DAPO: a run whose batches all lack a learning signal stops.
 IDLE_BATCH_LIMIT = 20
@@ -153,6 +159,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         self.entropy_coef = self.loss_spec.entropy.bonus_coef  # Skywork-OR1's c, adapted per step
         self.last_entropy: float | None = None
         self.idle_batches = 0  # consecutive rollout batches that dynamic sampling emptied
+        self.reseeds = 0  # rollbacks that asked for new rollout seeds
         self.reward_fn = load_reward(reward_fn, reward_kwargs)
         self.engine = None
         self._session: EngineSession | None = None
@@ -237,7 +244,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         if not self.all_ranks(batch.get("inputs") is not None):  # sharded generation is collective too
             return None
         t0 = time.perf_counter()
-        seed = self.hparams.rollout_seed + 100_003 * self.global_step + 7 * self.global_rank
+        seed = self.hparams.rollout_seed + 100_003 * self.global_step + 7 * self.global_rank + 999_983 * self.reseeds
         [step] = self.rollout(batch, [(self.sampling, seed)])
         t_rollout = time.perf_counter() - t0
         self.score(step)
@@ -375,12 +382,26 @@ class GRPOStage(PolicyUpdate, R1V3Module):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["r1v3_entropy_control"] = {"coef": self.entropy_coef, "last_entropy": self.last_entropy}
+        checkpoint["r1v3_reseeds"] = self.reseeds
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("r1v3_entropy_control")
         if state:  # the adaptive coefficient resumes where it was
             self.entropy_coef, self.last_entropy = state["coef"], state["last_entropy"]
+        self.reseeds = checkpoint.get("r1v3_reseeds", 0)
+
+    def after_rollback(self, checkpoint: dict, reseed: bool) -> None:
+        """The restored weights reach the engine whole before its next rollout, and the engine is
+        checked against the trainer again; the entropy controller goes back with the weights."""
+        super().after_rollback(checkpoint, reseed)
+        state = checkpoint.get("r1v3_entropy_control")
+        if state:
+            self.entropy_coef, self.last_entropy = state["coef"], state["last_entropy"]
+        self.idle_batches = 0
+        self.reseeds += int(reseed)
+        if self.engine is not None:
+            self.session.restart()
 
     def on_train_end(self) -> None:
         if self.engine is not None:

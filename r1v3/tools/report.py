@@ -134,6 +134,20 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def find_rollbacks(run_dir: Path) -> list[dict]:
+    """The rollbacks recorded by r1v3.callbacks.Rollback (``rollbacks.jsonl`` beside a stage's checkpoints)."""
+    rows = []
+    for path in sorted(run_dir.rglob("rollbacks.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                rows.append(record | {"stage": _stage_name(path, run_dir, "checkpoints")})
+    return rows
+
+
 def plot(stages: dict[str, dict], alarms: list[dict], title: str, out: Path) -> None:
     # Figure without pyplot: no global backend state, so it is safe in-process and headless.
     from matplotlib.figure import Figure
@@ -175,12 +189,13 @@ def plot(stages: dict[str, dict], alarms: list[dict], title: str, out: Path) -> 
                 ax.text(info["offset"], 0.98, f" {stage}", transform=ax.get_xaxis_transform(),
                         va="top", fontsize=8, color="grey", clip_on=True)
         named = set()
-        for alarm in alarms:
-            ax.axvline(alarm["x"], color="red", linestyle="--", linewidth=1)
+        for alarm in alarms:  # a rollback is drawn solid green, the alarms dashed red
+            colour, style = ("green", "-") if alarm["name"] == "rollback" else ("red", "--")
+            ax.axvline(alarm["x"], color=colour, linestyle=style, linewidth=1.5 if colour == "green" else 1)
             if i == 0 and alarm["name"] not in named:  # name each alarm once, on one panel
                 named.add(alarm["name"])
                 ax.text(alarm["x"], 0.02, f" {alarm['name']}", transform=ax.get_xaxis_transform(),
-                        rotation=90, va="bottom", fontsize=8, color="red", clip_on=True)
+                        rotation=90, va="bottom", fontsize=8, color=colour, clip_on=True)
         if x_end > 0:  # a shared x range keeps the stage boundaries aligned across panels
             ax.set_xlim(0, x_end * 1.01)
         ax.set_title(name)
@@ -192,7 +207,7 @@ def plot(stages: dict[str, dict], alarms: list[dict], title: str, out: Path) -> 
 
 
 def summary_markdown(title: str, stages: dict[str, dict], alarms: list[dict], checkpoints: list[dict],
-                     png_name: str) -> str:
+                     png_name: str, rollbacks: list[dict] = ()) -> str:
     lines = [f"# Run report: {title}", ""]
     for stage, info in stages.items():
         lines += [f"## {stage}", "", f"Logged steps: {info['n_steps']} (`{info['csv']}`)", ""]
@@ -202,7 +217,11 @@ def summary_markdown(title: str, stages: dict[str, dict], alarms: list[dict], ch
                       for k, m in info["metrics"].items()]
             lines.append("")
     lines += ["## Alarms", ""]
-    lines += [f"- {a['stage']} step {a['step']}: {a['name']}" for a in alarms] or ["None."]
+    lines += [f"- {a['stage']} step {a['step']}: {a['name']}" for a in alarms if a["name"] != "rollback"] or ["None."]
+    lines += ["", "## Rollbacks", ""]
+    lines += [f"- {r['stage']} step {r['step']}: {', '.join(r.get('causes', []))}; restored `{r.get('checkpoint')}` "
+              f"(step {r.get('restored_step')}), learning rate now {', '.join(f'{lr:.3g}' for lr in r.get('lr', []))}"
+              for r in rollbacks] or ["None."]
     lines += ["", "## Checkpoints ranked by critical-token entropy", ""]
     if checkpoints:
         lines += ["| rank | checkpoint | stage | step | critical entropy | val accuracy |", "|---|---|---|---|---|---|"]
@@ -238,7 +257,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> dict:
                 metrics[key] = {"final": series[key][-1][1], "best": best, "best_step": int(best_step)}
         on_timeline = stage in timeline
         for key, points in series.items():
-            if key.startswith("alarm/"):
+            if key.startswith("alarm/") and key != "alarm/rollback":  # rollbacks come from their own record
                 alarms += [{"stage": stage, "step": int(s), "name": key[len("alarm/"):],
                             "x": s + offset if on_timeline else None} for s, v in points if v >= 0.5]
         stages[stage] = {"csv": found[stage].relative_to(run_dir).as_posix(), "series": series, "offset": offset,
@@ -250,9 +269,14 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> dict:
     png, md = out_dir / "report.png", out_dir / "report.md"
     title = run_dir.resolve().name
     checkpoints = find_checkpoints(run_dir)
-    plot({k: v for k, v in stages.items() if v["plotted"]}, [a for a in alarms if a["x"] is not None], title, png)
-    md.write_text(summary_markdown(title, stages, alarms, checkpoints, png.name), encoding="utf-8")
-    return {"png": png, "markdown": md, "stages": stages, "alarms": alarms, "checkpoints": checkpoints}
+    rollbacks = find_rollbacks(run_dir)
+    marks = [a for a in alarms if a["x"] is not None] + [
+        {"name": "rollback", "x": r["step"] + stages[r["stage"]]["offset"]} for r in rollbacks
+        if r["stage"] in stages and stages[r["stage"]]["plotted"]]
+    plot({k: v for k, v in stages.items() if v["plotted"]}, marks, title, png)
+    md.write_text(summary_markdown(title, stages, alarms, checkpoints, png.name, rollbacks), encoding="utf-8")
+    return {"png": png, "markdown": md, "stages": stages, "alarms": alarms, "checkpoints": checkpoints,
+            "rollbacks": rollbacks}
 
 
 def report_main(argv: list[str] | None = None) -> int:
