@@ -150,3 +150,15 @@ def test_greedy_and_sampled_accuracy_are_separate_series():
     assert series_label("val/accuracy", sft) == series_label("val/accuracy_greedy", grpo)
     assert series_label("val/accuracy", grpo) != series_label("val/accuracy", sft)
     assert "sampled" in series_label("val/accuracy", grpo) and "greedy" in series_label("val/accuracy", sft)
+
+
+def test_rollbacks_are_listed_and_marked(run_dir):
+    record = {"step": 13, "causes": ["entropy_surge"], "why": "…", "checkpoint": "healthy-step=10.ckpt",
+              "restored_step": 10, "lr": [1e-4], "reseeded": True}
+    (run_dir / "grpo/checkpoints/rollbacks.jsonl").write_text(json.dumps(record) + "\nnot json\n")
+    result = build_report(run_dir)
+    assert [(r["stage"], r["step"]) for r in result["rollbacks"]] == [("grpo", 13)]  # the bad line skipped
+    text = result["markdown"].read_text()
+    rollbacks = text.split("## Rollbacks")[1].split("##")[0]
+    assert "- grpo step 13: entropy_surge; restored `healthy-step=10.ckpt` (step 10), learning rate now 0.0001" in rollbacks
+    assert "rollback" not in text.split("## Alarms")[1].split("## Rollbacks")[0]

@@ -270,8 +270,10 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> dict:
     title = run_dir.resolve().name
     checkpoints = find_checkpoints(run_dir)
     rollbacks = find_rollbacks(run_dir)
+    # A record's step counts the update whose alarm fired; Lightning logs that batch's metrics
+    # (the alarm's among them) one step earlier, so the line goes where the alarm's does.
     marks = [a for a in alarms if a["x"] is not None] + [
-        {"name": "rollback", "x": r["step"] + stages[r["stage"]]["offset"]} for r in rollbacks
+        {"name": "rollback", "x": r["step"] - 1 + stages[r["stage"]]["offset"]} for r in rollbacks
         if r["stage"] in stages and stages[r["stage"]]["plotted"]]
     plot({k: v for k, v in stages.items() if v["plotted"]}, marks, title, png)
     md.write_text(summary_markdown(title, stages, alarms, checkpoints, png.name, rollbacks), encoding="utf-8")
