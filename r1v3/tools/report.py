@@ -194,8 +194,9 @@ def plot(stages: dict[str, dict], alarms: list[dict], title: str, out: Path) -> 
             ax.axvline(alarm["x"], color=colour, linestyle=style, linewidth=1.5 if colour == "green" else 1)
             if i == 0 and alarm["name"] not in named:  # name each alarm once, on one panel
                 named.add(alarm["name"])
-                ax.text(alarm["x"], 0.02, f" {alarm['name']}", transform=ax.get_xaxis_transform(),
-                        rotation=90, va="bottom", fontsize=8, color=colour, clip_on=True)
+                ax.text(alarm["x"], 0.5 if colour == "green" else 0.02, f" {alarm['name']}",  # apart from its alarm's
+                        transform=ax.get_xaxis_transform(), rotation=90, va="bottom", fontsize=8, color=colour,
+                        clip_on=True)
         if x_end > 0:  # a shared x range keeps the stage boundaries aligned across panels
             ax.set_xlim(0, x_end * 1.01)
         ax.set_title(name)
