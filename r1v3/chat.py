@@ -65,8 +65,10 @@ class ParsedResponse:
 
     @property
     def well_formed(self) -> bool:
-        """``<think>…</think>`` then a non-empty answer: the paper's format condition."""
-        return self.think is not None and bool(self.answer_text.strip())
+        """Exactly one ``<think>…</think>`` pair, then a non-empty answer with no think tag in it:
+        the paper's format condition. ``<think>a</think>b</think>c`` is not well formed."""
+        return (self.think is not None and bool(self.answer_text.strip())
+                and THINK_OPEN not in self.answer_text and THINK_CLOSE not in self.answer_text)
 
 
 def last_boxed(text: str) -> str | None:

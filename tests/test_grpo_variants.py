@@ -52,16 +52,17 @@ def test_each_variant_raises_the_training_reward(variant, sft_start):
     settings = overlay("gspo" if variant == "gspo-token" else variant)
     if variant == "gspo-token":
         settings["policy_loss"] = "gspo-token"
-    if "overlong_buffer" in settings:  # DAPO's buffer is a fifth of the budget: 24 tokens here
-        settings["overlong_buffer"] = 24 // 5
-    # the demo reward on the colour task; 20 rollout batches × 2 updates; a short warm-up keeps
-    # Adam's first step (every weight moved by lr) from wrecking the weak start
-    rows = fit(*sft_start, steps=40, mini_batches=2, **settings,
-               optimizer=OptimizerConfig(lr=1e-3, warmup_ratio=0.15, schedule="constant"))
+    if "overlong_buffer" in settings:  # DAPO's buffer is a fifth of the budget: 32 tokens here
+        settings["overlong_buffer"] = 32 // 5
+    # the demo reward on the colour task (its targets: 25 tokens at the median, 36 at most); 20
+    # rollout batches × 2 updates; a short warm-up keeps Adam's first step (every weight moved by
+    # lr) from wrecking the weak start
+    rows = fit(*sft_start, steps=40, mini_batches=2, **settings, sampling=SamplingConfig(n=4, max_new_tokens=32),
+               optimizer=OptimizerConfig(lr=2e-4, warmup_ratio=0.15, schedule="constant"))
     rewards = [r["train/reward_mean"] for r in rows]
     assert len(rewards) >= 20  # more where DAPO's dynamic sampling left a batch without an update
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.05, (variant, rewards)  # each variant rose by more than 0.1 when written
+    assert last > first + 0.05, (variant, rewards)  # each variant rose by 0.09-0.26 when written
     assert all(math.isfinite(r["train/loss"]) for r in rows)
     assert any(r["train/ratio_max"] != 1.0 for r in rows)  # off-policy: the ratios left 1
 

@@ -47,6 +47,11 @@ def test_format_reward():
     assert format_reward("<think>x</think>   ") == 0.0
     assert format_reward("<think>never closed \\boxed{3}") == 0.0
     assert format_reward("") == 0.0
+    # exactly one pair: a second closing or opening tag in the answer is not the format
+    assert format_reward("<think>a</think>b</think>c") == 0.0
+    assert format_reward("<think>a</think>b<think>c</think>d") == 0.0
+    assert format_reward("<think>a</think>b <think>") == 0.0
+    assert format_reward("<think>a</think>b  \boxed{3}") == 1.0
 
 
 def test_rules_stay_in_process_and_bounded():

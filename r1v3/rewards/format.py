@@ -1,5 +1,5 @@
-"""The format reward of Skywork-R1V3 (arXiv 2507.06167, §3.2): 1 iff the response is
-``<think>…</think>`` followed by a non-empty answer.
+"""The format reward of Skywork-R1V3 (arXiv 2507.06167, §3.2): 1 iff the response is exactly one
+``<think>…</think>`` pair followed by a non-empty answer (no further think tag).
 
 It delegates to :func:`r1v3.chat.parse_response`, the same parser the SFT targets and evaluation
 use, so "well formed" means one thing everywhere.
