@@ -47,14 +47,14 @@ STAGE_ARGS["grpo-lora"] = STAGE_ARGS["grpo"].replace("lr: 1.0e-3", "lr: 1.0e-2")
 METRIC = {"sft": "train/loss", "grpo": "train/reward_mean", "grpo-lora": "train/kl_ref"}
 
 
-def write_config(run: Path, stage: str, model: Path, data: Path) -> Path:
-    config = run / "config.yaml"
-    run.mkdir(parents=True)
-    config.write_text(f"""
+def run_head(run: Path, steps: int) -> str:
+    """The YAML of a CPU run of ``steps`` steps that logs every step to CSV under ``run``, up to its
+    callback list."""
+    return f"""
 seed_everything: 7
 trainer:
   accelerator: cpu
-  max_steps: {STEPS}
+  max_steps: {steps}
   log_every_n_steps: 1
   limit_val_batches: 0
   enable_progress_bar: false
@@ -64,6 +64,13 @@ trainer:
     class_path: lightning.pytorch.loggers.CSVLogger
     init_args: {{save_dir: {run}, name: logs, flush_logs_every_n_steps: 1}}
   callbacks:
+"""
+
+
+def write_config(run: Path, stage: str, model: Path, data: Path) -> Path:
+    config = run / "config.yaml"
+    run.mkdir(parents=True)
+    config.write_text(run_head(run, STEPS) + f"""\
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {run}/ckpt, every_n_train_steps: 1, save_last: true}}
 model:{STAGE_ARGS[stage].format(model=model)}

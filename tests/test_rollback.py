@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule, Trainer
 
 from r1v3.callbacks import RankedCheckpoint, Rollback
 from r1v3.stages.health import DivergedError, StageHealth
-from test_resume import fit, trajectory
+from test_resume import fit, run_head, trajectory
 
 STEPS, SPIKE, KILL_AT, LR = 30, 12, 17, 2e-4
 
@@ -28,20 +28,7 @@ def write_config(run: Path, model: Path, data: Path, action: bool) -> Path:
     run.mkdir(parents=True)
     rollback = "    - class_path: r1v3.callbacks.Rollback\n" if action else ""
     config = run / "config.yaml"
-    config.write_text(f"""
-seed_everything: 7
-trainer:
-  accelerator: cpu
-  max_steps: {STEPS}
-  log_every_n_steps: 1
-  limit_val_batches: 0
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: {run}
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {run}, name: logs, flush_logs_every_n_steps: 1}}
-  callbacks:
+    config.write_text(run_head(run, STEPS) + f"""\
     - class_path: r1v3.callbacks.fault.LRSpike
       init_args: {{at_step: {SPIKE}, factor: 100.0, steps: 2}}
     - class_path: r1v3.callbacks.LRInstabilityAlarm
