@@ -31,3 +31,14 @@ def internvl_and_shards(work: Path, size: str, n_train: int) -> tuple[Path, Path
     if not (Path(work) / "data" / "train").exists():
         write_synthetic(Path(work) / "data", n_train=n_train, n_val=8, n_ood=8)
     return model_dir, Path(work) / "data" / "train"
+
+
+def suppress_eos():
+    """A callback that adds EOS to the engine's suppressed ids: every completion is then exactly
+    ``max_new_tokens`` long, so settings compared with each other do equal work."""
+    from lightning.pytorch import Callback
+
+    class SuppressEOS(Callback):
+        def on_fit_start(self, trainer, stage):
+            stage.engine.suppress_tokens.append(stage.tokenizer.eos_token_id)
+    return SuppressEOS()

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from child import run_setting
+from child import run_setting, suppress_eos
 from r1v3.tools.tiny import FAMILIES
 
 
@@ -79,7 +79,7 @@ def matmul_peak(dtype, n: int = 2048, repeats: int = 20, budget_s: float = 0.25)
 
 def run_one(args) -> dict:
     import torch
-    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch import Trainer
     from torch.utils.flop_counter import FlopCounterMode
 
     from r1v3.data_modules.synthetic import write_synthetic
@@ -109,10 +109,6 @@ def run_one(args) -> dict:
             self.timed.append(time.perf_counter() - t0)
             return out
 
-    class SuppressEOS(Callback):  # every completion is exactly max_new_tokens long: equal work
-        def on_fit_start(self, trainer, stage):
-            stage.engine.suppress_tokens.append(stage.tokenizer.eos_token_id)
-
     count_cpu_attention()
     torch.manual_seed(0)
     work = Path(args.workdir)
@@ -130,7 +126,7 @@ def run_one(args) -> dict:
     trainer = Trainer(accelerator="cpu", max_steps=1 + 2 * args.steps, logger=False, enable_checkpointing=False,
                       precision="bf16-mixed" if args.precision == "bf16" else "32-true",
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      callbacks=[SuppressEOS()], log_every_n_steps=1)
+                      callbacks=[suppress_eos()], log_every_n_steps=1)
     trainer.fit(stage, datamodule=WebDataModule(train=str(data_dir / "train"), batch_size=args.prompts,
                                                 max_prompt_length=4096))
     flops = statistics.median(stage.counted)

@@ -8,12 +8,15 @@ the model allows it (:mod:`r1v3.rl.prefix`).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from r1v3.distributed import max_over_ranks
 from r1v3.logprobs import gather_logprobs, sampling_logits
 from r1v3.rl import prefix
 from r1v3.rl.entropy import entropy_from_logits
+from r1v3.rl.head import head_bypassed, head_logprobs, logits_chunk
 from r1v3.rl.trajectory import StepRollouts
 
 
@@ -44,12 +47,18 @@ def completion_logprobs(model: torch.nn.Module, step: StepRollouts, rows: torch.
     bonus), since its backward is another pass over the vocabulary."""
     rollouts = step.rollouts
     ids = rollouts.completion_ids[rows].to(device)
-    logits = prefix.rows_completion_logits(model, step.encoded, step.group_index[rows].tolist(), ids,
-                                           rollouts.completion_mask[rows].to(device), device)
-    picked = sampling_logits(logits, temperature, step.banned_tokens)
-    logp = gather_logprobs(picked, ids)
-    entropy = entropy_from_logits(picked if entropy_grad else picked.detach()).cpu() if with_entropy else None
-    return logp.cpu() * rollouts.completion_mask[rows], entropy
+    chunk = logits_chunk(model)
+    with head_bypassed(model) if chunk else contextlib.nullcontext() as head:
+        out = prefix.rows_completion_logits(model, step.encoded, step.group_index[rows].tolist(), ids,
+                                            rollouts.completion_mask[rows].to(device), device)
+    if chunk:  # ``out`` holds hidden states; the head runs a chunk of positions at a time
+        logp, entropy = head_logprobs(out, head, ids, temperature, step.banned_tokens, chunk, with_entropy,
+                                      entropy_grad)
+    else:
+        picked = sampling_logits(out, temperature, step.banned_tokens)
+        logp = gather_logprobs(picked, ids)
+        entropy = entropy_from_logits(picked if entropy_grad else picked.detach()) if with_entropy else None
+    return logp.cpu() * rollouts.completion_mask[rows], entropy.cpu() if entropy is not None else None
 
 
 @torch.no_grad()

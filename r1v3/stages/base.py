@@ -121,6 +121,7 @@ class R1V3Module(StageHealth, LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # built before fit (tests, demo): the strategy may still shard it
             fsdp.configure_sharding(self)
+            self.check_logits_chunk()
             return
         fsdp.check_strategy(self._trainer.strategy if self._trainer else None)  # before a long load
         load = self.load_config
@@ -147,6 +148,17 @@ class R1V3Module(StageHealth, LightningModule):
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.model.config.use_cache = False
         fsdp.configure_sharding(self)  # FSDP2 when the trainer's strategy is a ModelParallelStrategy
+        self.check_logits_chunk()
+
+    logits_chunk = 0  # stages that score from hidden states set it (r1v3.rl.head)
+
+    def check_logits_chunk(self) -> None:
+        """Chunked scoring calls the head outside the model's forward, where FSDP has already
+        resharded it; sharded runs keep whole logits for now (docs/performance.md)."""
+        if self.logits_chunk and fsdp.is_sharded(self.model):
+            rank_zero_warn("[r1v3] logits_chunk is not supported under FSDP yet: whole logits are used")
+            self.logits_chunk = 0
+        self.model.r1v3_logits_chunk = self.logits_chunk  # read by r1v3.rl.scoring
 
     def router_aux_loss(self) -> torch.Tensor | None:
         """The weighted router load-balancing loss of the training forwards since the last call

@@ -79,6 +79,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         num_iterations: int = 1,
         mini_batches: int = 1,
         micro_batch_tokens: int = 8192,
+        logits_chunk: int = 0,
         max_grad_norm: float = 1.0,
         kl_coef: float = 0.0,
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
@@ -127,6 +128,10 @@ class GRPOStage(PolicyUpdate, R1V3Module):
             num_iterations: Updates per rollout batch over the same samples (1 = on-policy).
             mini_batches: Optimizer updates each iteration splits the rollout batch into.
             micro_batch_tokens: Token budget of one forward/backward; gradients accumulate.
+            logits_chunk: Score this many completion positions at a time from the final hidden
+                states, so a micro-batch's [rows, tokens, vocabulary] logits never exist at once
+                (0: whole logits; not under FSDP yet). For real vocabularies (~150k):
+                docs/performance.md, "Chunked log-probs".
             max_grad_norm: Gradient clipping norm (0 disables).
             kl_coef: β of the KL to the reference policy; 0 (the paper) loads no reference.
             kl_estimator: k1, k2 or k3 (Schulman); docs/design.md §1 gives their gradients.
@@ -140,6 +145,8 @@ class GRPOStage(PolicyUpdate, R1V3Module):
                 ``val/accuracy_greedy`` is reported beside it.
             rollout_seed: Base of the per-rank, per-step sampling seeds.
         """
+        if logits_chunk < 0:
+            raise bb.BackboneError(f"logits_chunk must be >= 0 (0: whole logits), got {logits_chunk}")
         if sampling.n < 2:  # one sample per prompt has no group to be better or worse than
             raise bb.BackboneError(f"sampling.n (the group size G) must be at least 2 for GRPO, got {sampling.n}")
         if not 0 <= overlong_buffer <= sampling.max_new_tokens:
@@ -149,6 +156,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
             raise bb.BackboneError(f"rollout: vllm - {INSTALL_HINT}")
         super().__init__(model_path, trainable, optimizer, load, sampling.max_new_tokens, export_dir, lora)
         self.automatic_optimization = False
+        self.logits_chunk = logits_chunk
         self.sampling = sampling
         self.vllm_config = vllm  # hparams keep a plain-dict copy; the engine wants the dataclass
         self.loss_spec = LossSpec(
@@ -225,6 +233,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
                                    trust_remote_code=load.trust_remote_code, groups=load.groups,
                                    on_meta=sharded and fsdp.loads_sharded(self.trainer.strategy))
             model = ref.model.eval().requires_grad_(False)
+            model.r1v3_logits_chunk = self.logits_chunk
             if sharded:
                 fsdp.shard_reference(model, self, cpu_offload=self.hparams.reference_cpu_offload)
             self.reference = [model]  # a list hides it from Lightning

@@ -21,7 +21,9 @@ from torchmetrics import MeanMetric
 from r1v3.backbone import LoadConfig
 from r1v3.chat import parse_response
 from r1v3.lora import LoraConfig
+from r1v3.errors import UserError
 from r1v3.rewards.accuracy import is_correct
+from r1v3.rl.head import head_bypassed, head_logprobs
 from r1v3.stages.base import OptimizerConfig, R1V3Module
 
 
@@ -38,6 +40,7 @@ class SFTStage(R1V3Module):
         export_dir: str | None = None,
         val_generate: bool = True,
         lora: LoraConfig = LoraConfig(),
+        logits_chunk: int = 0,
     ):
         """Cold-start supervised fine-tuning.
 
@@ -52,8 +55,15 @@ class SFTStage(R1V3Module):
             val_generate: Generate at validation to report accuracy and format rate.
             lora: LoRA adapters (peft) on chosen groups, e.g. ``{groups: [llm]}`` with
                 ``trainable: [connector]``; the export is then merged, with the adapter beside it.
+            logits_chunk: Compute the loss from the final hidden states of the target tokens,
+                this many at a time, so the [rows, tokens, vocabulary] logits never exist at once
+                (0: the model's own loss over whole logits; not under FSDP yet; docs/performance.md,
+                "Chunked log-probs").
         """
         super().__init__(model_path, trainable, optimizer, load, max_new_tokens, export_dir, lora)
+        if logits_chunk < 0:
+            raise UserError(f"logits_chunk must be >= 0 (0: whole logits), got {logits_chunk}")
+        self.logits_chunk = logits_chunk
         self.val_generate = val_generate
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
@@ -63,7 +73,15 @@ class SFTStage(R1V3Module):
 
     def supervised_loss(self, batch: dict) -> torch.Tensor:
         """Mean NLL over the batch's target tokens."""
-        return self(batch["inputs"], batch["images"], labels=batch["labels"], use_cache=False).loss
+        if not self.logits_chunk:
+            return self(batch["inputs"], batch["images"], labels=batch["labels"], use_cache=False).loss
+        with head_bypassed(self.model) as head:  # ``.logits`` holds the final hidden states
+            hidden = self(batch["inputs"], batch["images"], use_cache=False).logits
+        targets = batch["labels"][:, 1:]
+        scored = targets != -100  # only the target positions meet the head: the prompt's never do
+        logp, _ = head_logprobs(hidden[:, :-1][scored][None], head, targets[scored][None], 1.0, (),
+                                self.logits_chunk, with_entropy=False)
+        return -logp.mean()
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         # ``loss`` is this micro-batch's token mean over k (Lightning divides by the accumulation
