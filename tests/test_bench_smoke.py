@@ -140,3 +140,27 @@ def test_loss_variants_smoke(tmp_path):
     assert [s["variant"] for s in summary["variants"]] == ["grpo", "gspo"]
     assert 0.0 <= summary["variants"][0]["accuracy_mean"] <= 1.0 and summary["mini_batches"] == 2
     assert "| gspo |" in out.stderr  # the docs table
+
+
+def test_logits_memory_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "logits_memory.py"), "--size", "tiny", "--vocabs", "2048",
+                          "--chunks", "0", "32", "--max-new-tokens", "8", "--steps", "2", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    *settings, summary = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [(s["vocab"], s["chunk"], s["updates"]) for s in settings] == [(2050, 0, 2), (2050, 32, 2)]
+    assert all(s["activation_mb_median"] > 0 and s["update_s_median"] > 0 for s in settings)
+    assert summary["activation_ratio_chunk32"] == 1.0 and summary["time_ratio_v2048_chunk32_vs_whole"] > 0
+
+
+@pytest.mark.parametrize("side", ["r1v3", "trl"])
+def test_compare_trl_sft_smoke(tmp_path, side):
+    if side == "trl":
+        pytest.importorskip("trl", reason="TRL is the benchmark-only extra r1v3[bench]; .ci/setup_bench.sh builds its venv")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "compare_trl_sft.py"), "--size", "tiny", "--steps", "3",
+                          "--warmup", "1", "--run-side", side, "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["side"] == side and result["steps_timed"] == 2
+    assert result["tokens_per_s"] > 0 and result["tokens_per_step_median"] > 100 and result["peak_rss_mb"] > 100

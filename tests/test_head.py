@@ -95,3 +95,16 @@ def test_chunked_sft_loss_equals_the_models_own(name, tiny_dirs, real_dirs, synt
     assert (batch["labels"] != -100).sum() > 7  # several chunks, the last one short
     assert abs(float(chunked - whole)) <= 1e-5 * float(whole)
     assert (chunked_grad - whole_grad).norm() <= 1e-5 * whole_grad.norm()
+
+
+def test_chunking_follows_the_vocabulary_unless_set(tiny_dirs, real_dirs):
+    from r1v3.stages.sft import SFTStage
+
+    chosen = {}
+    for name, setting in (("internvl", None), ("internvl_tiled", None), ("internvl_tiled", 0), ("internvl", 64)):
+        stage = SFTStage(str((tiny_dirs | real_dirs)[name]), val_generate=False, logits_chunk=setting)
+        stage.configure_model()
+        chosen[name, setting] = (stage.logits_chunk, stage.model.r1v3_logits_chunk)
+    # a 2k vocabulary keeps whole logits by default, a 151k one is chunked; a setting is kept
+    assert chosen == {("internvl", None): (0, 0), ("internvl_tiled", None): (256, 256),
+                      ("internvl_tiled", 0): (0, 0), ("internvl", 64): (64, 64)}

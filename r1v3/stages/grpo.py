@@ -79,7 +79,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
         num_iterations: int = 1,
         mini_batches: int = 1,
         micro_batch_tokens: int = 8192,
-        logits_chunk: int = 0,
+        logits_chunk: int | None = None,
         max_grad_norm: float = 1.0,
         kl_coef: float = 0.0,
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
@@ -129,9 +129,10 @@ class GRPOStage(PolicyUpdate, R1V3Module):
             mini_batches: Optimizer updates each iteration splits the rollout batch into.
             micro_batch_tokens: Token budget of one forward/backward; gradients accumulate.
             logits_chunk: Score this many completion positions at a time from the final hidden
-                states, so a micro-batch's [rows, tokens, vocabulary] logits never exist at once
-                (0: whole logits; not under FSDP yet). For real vocabularies (~150k):
-                docs/performance.md, "Chunked log-probs".
+                states, so a micro-batch's [rows, tokens, vocabulary] logits never exist at once.
+                0: whole logits. None: 256 for vocabularies of 32k entries or more (real
+                checkpoints), else whole logits. Not under FSDP yet (docs/performance.md,
+                "Chunked log-probs").
             max_grad_norm: Gradient clipping norm (0 disables).
             kl_coef: β of the KL to the reference policy; 0 (the paper) loads no reference.
             kl_estimator: k1, k2 or k3 (Schulman); docs/design.md §1 gives their gradients.
@@ -145,8 +146,9 @@ class GRPOStage(PolicyUpdate, R1V3Module):
                 ``val/accuracy_greedy`` is reported beside it.
             rollout_seed: Base of the per-rank, per-step sampling seeds.
         """
-        if logits_chunk < 0:
-            raise bb.BackboneError(f"logits_chunk must be >= 0 (0: whole logits), got {logits_chunk}")
+        if logits_chunk is not None and logits_chunk < 0:
+            raise bb.BackboneError(f"logits_chunk must be >= 0 (0: whole logits, None: by vocabulary size), "
+                        f"got {logits_chunk}")
         if sampling.n < 2:  # one sample per prompt has no group to be better or worse than
             raise bb.BackboneError(f"sampling.n (the group size G) must be at least 2 for GRPO, got {sampling.n}")
         if not 0 <= overlong_buffer <= sampling.max_new_tokens:

@@ -40,7 +40,7 @@ class SFTStage(R1V3Module):
         export_dir: str | None = None,
         val_generate: bool = True,
         lora: LoraConfig = LoraConfig(),
-        logits_chunk: int = 0,
+        logits_chunk: int | None = None,
     ):
         """Cold-start supervised fine-tuning.
 
@@ -56,13 +56,15 @@ class SFTStage(R1V3Module):
             lora: LoRA adapters (peft) on chosen groups, e.g. ``{groups: [llm]}`` with
                 ``trainable: [connector]``; the export is then merged, with the adapter beside it.
             logits_chunk: Compute the loss from the final hidden states of the target tokens,
-                this many at a time, so the [rows, tokens, vocabulary] logits never exist at once
-                (0: the model's own loss over whole logits; not under FSDP yet; docs/performance.md,
-                "Chunked log-probs").
+                this many at a time, so the [rows, tokens, vocabulary] logits never exist at once.
+                0: the model's own loss over whole logits. None: 256 for vocabularies of 32k
+                entries or more (real checkpoints), else 0. Not under FSDP yet
+                (docs/performance.md, "Chunked log-probs").
         """
         super().__init__(model_path, trainable, optimizer, load, max_new_tokens, export_dir, lora)
-        if logits_chunk < 0:
-            raise UserError(f"logits_chunk must be >= 0 (0: whole logits), got {logits_chunk}")
+        if logits_chunk is not None and logits_chunk < 0:
+            raise UserError(f"logits_chunk must be >= 0 (0: whole logits, None: by vocabulary size), "
+                        f"got {logits_chunk}")
         self.logits_chunk = logits_chunk
         self.val_generate = val_generate
         self.val_loss = MeanMetric()
