@@ -12,11 +12,12 @@ from r1v3.rl.rollout import Prompt, SamplingConfig
 from r1v3.stages.grpo import GRPOStage
 
 
-def score(stage, step, rows, chunk):
+def score(stage, step, rows, chunk, bf16=False):
     stage.model.r1v3_logits_chunk = chunk
     stage.model.zero_grad()
-    logp, entropy = scoring.completion_logprobs(stage.model, step, rows, 0.7, stage.device, with_entropy=True,
-                                                entropy_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logp, entropy = scoring.completion_logprobs(stage.model, step, rows, 0.7, stage.device, with_entropy=True,
+                                                    entropy_grad=True)
     mask = step.rollouts.completion_mask[rows]
     # a loss through both outputs, so the backward runs through every chunk's recomputed logits
     ((logp * torch.linspace(-1, 1, len(rows))[:, None]).sum() + 0.1 * (entropy * mask).sum()).backward()
@@ -24,9 +25,13 @@ def score(stage, step, rows, chunk):
     return logp.detach(), (entropy * mask).detach(), grads
 
 
-@pytest.mark.parametrize("name, shared, lora", [("internvl", True, False), ("internvl", False, False),
-                                                ("internvl_tiled", True, False), ("qwen2_5_vl", True, True)])
-def test_chunked_logprobs_equal_the_whole_logits(name, shared, lora, tiny_dirs, real_dirs, synth_dir, monkeypatch):
+# A plain head runs the fused loop (one autograd node), the LoRA-wrapped one a checkpoint per chunk.
+# Tolerances as tests/test_prefix.py's: fp32 reorders sums only; bf16 rounds both sides' matmuls.
+@pytest.mark.parametrize("name, shared, lora, bf16", [
+    ("internvl", True, False, False), ("internvl", False, False, False), ("internvl_tiled", True, False, False),
+    ("qwen2_5_vl", True, True, False), ("internvl", True, False, True)])
+def test_chunked_logprobs_equal_the_whole_logits(name, shared, lora, bf16, tiny_dirs, real_dirs, synth_dir,
+                                                 monkeypatch):
     from r1v3.data_modules.webdata import WebDataModule
 
     model_dir = (tiny_dirs | real_dirs)[name]
@@ -45,17 +50,18 @@ def test_chunked_logprobs_equal_the_whole_logits(name, shared, lora, tiny_dirs, 
     torch.manual_seed(0)
     step = stage.record(prompts, stage.engine.generate(prompts, stage.sampling, seed=3))
     rows = torch.tensor([5, 0, 3, 1])
-    whole = score(stage, step, rows, 0)
-    chunked = score(stage, step, rows, 5)  # 4 rows × 7 positions: chunks of 5, the last one short
+    whole = score(stage, step, rows, 0, bf16)
+    chunked = score(stage, step, rows, 5, bf16)  # 4 rows × 7 positions: chunks of 5, the last one short
+    tol = 5e-2 if bf16 else 1e-5
     assert step.rollouts.completion_mask[rows].sum() > 5
-    assert (chunked[0] - whole[0]).abs().max() <= 1e-5 * whole[0].abs().max()
-    assert (chunked[1] - whole[1]).abs().max() <= 1e-5 * whole[1].abs().max()
+    assert (chunked[0] - whole[0]).abs().max() <= tol * whole[0].abs().max()
+    assert (chunked[1] - whole[1]).abs().max() <= tol * whole[1].abs().max()
     assert chunked[2].keys() == whole[2].keys() and len(whole[2]) > 0
     if lora:
         assert any("lm_head.lora_" in n for n in whole[2]), "the adapted head is trained through the chunks"
     total = torch.cat([g.flatten() for g in whole[2].values()])
     error = torch.cat([(chunked[2][n] - g).flatten() for n, g in whole[2].items()])
-    assert error.norm() <= 1e-5 * total.norm(), float(error.norm() / total.norm())
+    assert error.norm() <= tol * total.norm(), float(error.norm() / total.norm())
     assert stage.model.get_output_embeddings().forward.__func__ is type(stage.model.get_output_embeddings()).forward
 
 
@@ -106,5 +112,5 @@ def test_chunking_follows_the_vocabulary_unless_set(tiny_dirs, real_dirs):
         stage.configure_model()
         chosen[name, setting] = (stage.logits_chunk, stage.model.r1v3_logits_chunk)
     # a 2k vocabulary keeps whole logits by default, a 151k one is chunked; a setting is kept
-    assert chosen == {("internvl", None): (0, 0), ("internvl_tiled", None): (256, 256),
+    assert chosen == {("internvl", None): (0, 0), ("internvl_tiled", None): (128, 128),
                       ("internvl_tiled", 0): (0, 0), ("internvl", 64): (64, 64)}

@@ -130,7 +130,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
             micro_batch_tokens: Token budget of one forward/backward; gradients accumulate.
             logits_chunk: Score this many completion positions at a time from the final hidden
                 states, so a micro-batch's [rows, tokens, vocabulary] logits never exist at once.
-                0: whole logits. None: 256 for vocabularies of 32k entries or more (real
+                0: whole logits. None: 128 for vocabularies of 32k entries or more (real
                 checkpoints), else whole logits. Not under FSDP yet (docs/performance.md,
                 "Chunked log-probs").
             max_grad_norm: Gradient clipping norm (0 disables).

@@ -57,7 +57,7 @@ class SFTStage(R1V3Module):
                 ``trainable: [connector]``; the export is then merged, with the adapter beside it.
             logits_chunk: Compute the loss from the final hidden states of the target tokens,
                 this many at a time, so the [rows, tokens, vocabulary] logits never exist at once.
-                0: the model's own loss over whole logits. None: 256 for vocabularies of 32k
+                0: the model's own loss over whole logits. None: 128 for vocabularies of 32k
                 entries or more (real checkpoints), else 0. Not under FSDP yet
                 (docs/performance.md, "Chunked log-probs").
         """
