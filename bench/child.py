@@ -19,15 +19,16 @@ def run_setting(script: str, argv: list[str], overrides: list[str], what: str, p
     return out.stdout.strip().splitlines()[-1]
 
 
-def internvl_and_shards(work: Path, size: str, n_train: int) -> tuple[Path, Path]:
-    """The InternVL preset of ``size`` and synthetic train shards under ``work``: built by the first
-    setting, reused by the next (the model directory and the train-shard folder)."""
+def internvl_and_shards(work: Path, size: str, n_train: int, vocab: int | None = None) -> tuple[Path, Path]:
+    """The InternVL preset of ``size`` (with a tokenizer of ``vocab`` entries if given) and synthetic
+    train shards under ``work``: built by the first setting, reused by the next (the model
+    directory and the train-shard folder)."""
     from r1v3.data_modules.synthetic import write_synthetic
     from r1v3.tools.tiny import build_tiny
 
-    model_dir = Path(work) / f"internvl-{size}"
+    model_dir = Path(work) / (f"internvl-{size}" + (f"-v{vocab}" if vocab else ""))
     if not (model_dir / "config.json").exists():
-        build_tiny("internvl", model_dir, size=size)
+        build_tiny("internvl", model_dir, size=size, vocab=vocab)
     if not (Path(work) / "data" / "train").exists():
         write_synthetic(Path(work) / "data", n_train=n_train, n_val=8, n_ood=8)
     return model_dir, Path(work) / "data" / "train"

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from child import run_setting, suppress_eos
+from child import internvl_and_shards, run_setting, suppress_eos
 from memory_8bit import rss_kb
 from update_flops import distinct_chars_reward  # noqa: F401  (the child's reward, by import path)
 
@@ -41,12 +41,10 @@ def run_one(args) -> dict:
     import torch
     from lightning.pytorch import Trainer
 
-    from r1v3.data_modules.synthetic import write_synthetic
     from r1v3.data_modules.webdata import WebDataModule
     from r1v3.rl.rollout import SamplingConfig
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.grpo import GRPOStage
-    from r1v3.tools.tiny import build_tiny
 
     class MeasuredGRPO(GRPOStage):
         def update(self, *a, **kw):
@@ -64,13 +62,7 @@ def run_one(args) -> dict:
             return out
 
     torch.manual_seed(0)
-    work = Path(args.workdir)
-    model_dir = work / f"internvl-{args.size}-v{args.vocab}"
-    if not (model_dir / "config.json").exists():
-        build_tiny("internvl", model_dir, size=args.size, vocab=args.vocab)
-    data_dir = work / "data"
-    if not (data_dir / "train").exists():
-        write_synthetic(data_dir, n_train=args.prompts, n_val=4, n_ood=4)
+    model_dir, train = internvl_and_shards(Path(args.workdir), args.size, n_train=args.prompts, vocab=args.vocab)
     stage = MeasuredGRPO(str(model_dir), optimizer=OptimizerConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"),
                          sampling=SamplingConfig(n=args.group_size, max_new_tokens=args.max_new_tokens),
                          reward_fn="update_flops.distinct_chars_reward", rollout_log_every=0,
@@ -79,7 +71,7 @@ def run_one(args) -> dict:
     Trainer(accelerator="cpu", max_steps=1 + args.steps, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
             callbacks=[suppress_eos()], log_every_n_steps=1).fit(
-        stage, datamodule=WebDataModule(train=str(data_dir / "train"), batch_size=args.prompts))
+        stage, datamodule=WebDataModule(train=str(train), batch_size=args.prompts))
     rows = stage.rows[1:]
     return {"bench": "logits_memory", "size": args.size, "vocab": stage.model.config.get_text_config().vocab_size,
             "chunk": args.chunk, "prompts": args.prompts, "group_size": args.group_size,
