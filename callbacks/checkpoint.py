@@ -71,6 +71,9 @@ class RankedCheckpoint(ModelCheckpoint):
     def holds_healthy_step(self, step: int) -> bool:
         return any(entry["step"] == step for entry in self.healthy)
 
+    def holds_healthy_path(self, path: str) -> bool:
+        return any(entry["path"] == path for entry in self.healthy)
+
     def add_healthy(self, trainer, step: int, path: str) -> None:
         self.healthy.append({"step": step, "path": path})
         while len(self.healthy) > self.keep_healthy:
@@ -91,7 +94,7 @@ class RankedCheckpoint(ModelCheckpoint):
 
     def release(self, trainer, path: str) -> None:
         """The healthy list no longer needs ``path``; delete it unless the ranking does."""
-        if not self.ranked_holds(path) and not any(e["path"] == path for e in self.healthy):
+        if not self.ranked_holds(path) and not self.holds_healthy_path(path):
             self._remove_checkpoint(trainer, path)
 
     def state_dict(self) -> dict:
@@ -123,7 +126,7 @@ class RankedCheckpoint(ModelCheckpoint):
             self.add_healthy(trainer, trainer.global_step, saved)
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
-        if any(e["path"] == filepath for e in self.healthy):  # top-k let it go; the healthy list has not
+        if self.holds_healthy_path(filepath):  # top-k let it go; the healthy list has not
             return
         super()._remove_checkpoint(trainer, filepath)
         if trainer.is_global_zero:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback
 
+from r1v3.callbacks.lr_alarm import scale_learning_rates
 from r1v3.errors import UserError
 
 
@@ -37,16 +38,8 @@ class LRSpike(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.phase == 0 and step >= self.at_step:
-            self.scale(trainer, self.factor)
+            scale_learning_rates(trainer, self.factor)
             self.phase = 1
         if self.phase == 1 and step >= self.at_step + self.steps:
-            self.scale(trainer, 1.0 / self.factor)
+            scale_learning_rates(trainer, 1.0 / self.factor)
             self.phase = 2
-
-    @staticmethod
-    def scale(trainer, factor: float) -> None:
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                group["lr"] *= factor
-        for config in trainer.lr_scheduler_configs:
-            config.scheduler.base_lrs = [lr * factor for lr in config.scheduler.base_lrs]

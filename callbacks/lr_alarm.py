@@ -30,6 +30,24 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
     return sum(rates) / len(rates) if rates else 0.0
 
 
+def scale_learning_rates(trainer, factor: float) -> list[float]:
+    """Multiply every param group's learning rate by ``factor``, and the schedulers' base rates
+    (and last reported rates) with it, so the schedule goes on from the scaled rates. Returns the
+    groups' new rates."""
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [lr * factor for lr in scheduler._last_lr]
+    rates = []
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            rates.append(group["lr"])
+    return rates
+
+
 SIGNALS = ("entropy_surge", "entropy_collapse", "grad_spike", "reward_collapse", "repetition")
 
 
@@ -114,10 +132,6 @@ class LRInstabilityAlarm(Callback):
             publish(pl_module, name, why)
             rank_zero_warn(f"[r1v3] LR instability at step {trainer.global_step}: {name} ({why}); action: {self.action}")
             if self.action == "reduce_lr":
-                for optimizer in trainer.optimizers:
-                    for group in optimizer.param_groups:
-                        group["lr"] *= self.lr_factor
-                for config in trainer.lr_scheduler_configs:
-                    config.scheduler.base_lrs = [lr * self.lr_factor for lr in config.scheduler.base_lrs]
+                scale_learning_rates(trainer, self.lr_factor)
             elif self.action == "stop":
                 trainer.should_stop = True

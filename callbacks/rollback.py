@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from r1v3.callbacks.checkpoint import RankedCheckpoint
 from r1v3.callbacks.kl_monitor import KLMonitor
-from r1v3.callbacks.lr_alarm import LRInstabilityAlarm
+from r1v3.callbacks.lr_alarm import LRInstabilityAlarm, scale_learning_rates
 from r1v3.errors import UserError
 from r1v3.stages.health import DivergedError
 
@@ -89,8 +89,9 @@ class Rollback(Callback):
         self.rollbacks, self.seen = list(state.get("rollbacks", [])), state.get("seen", 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        new = [a for a in getattr(pl_module, "alarms", [])[self.seen:] if a["name"] in self.on]
-        self.seen = len(getattr(pl_module, "alarms", []))
+        alarms = getattr(pl_module, "alarms", [])
+        new = [a for a in alarms[self.seen:] if a["name"] in self.on]
+        self.seen = len(alarms)
         # every rank rolls back together: the restore and what follows are collectives when sharded
         if trainer.strategy.reduce_boolean_decision(bool(new), all=False):
             self.roll_back(trainer, pl_module, new)
@@ -112,7 +113,10 @@ class Rollback(Callback):
                                 f"{step - self.onset_steps} to roll back to")
         before = [[group["lr"] for group in opt.param_groups] for opt in trainer.optimizers]
         checkpoint = restore(trainer, pl_module, target["path"])
-        lrs = scale_learning_rates(trainer, before, self.lr_factor)
+        for opt, rates in zip(trainer.optimizers, before):  # the optimizer state brought its own rates back
+            for group, lr in zip(opt.param_groups, rates):
+                group["lr"] = lr
+        lrs = scale_learning_rates(trainer, self.lr_factor)
         keeper.drop_healthy(trainer, after=target["step"])
         pl_module.after_rollback(checkpoint, self.reseed)
         record = {"step": step, "causes": [a["name"] for a in causes], "why": cause,
@@ -139,19 +143,3 @@ def restore(trainer, pl_module, path: str) -> dict:
     strategy.load_optimizer_state_dict(checkpoint)
     return checkpoint
 
-
-def scale_learning_rates(trainer, before: list[list[float]], factor: float) -> list[float]:
-    """Every param group's learning rate as it was before the restore, times ``factor``, and the
-    schedulers' base rates too, so the schedule goes on from the scaled rates."""
-    for config in trainer.lr_scheduler_configs:
-        scheduler = config.scheduler
-        if hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr = [lr * factor for lr in scheduler._last_lr]
-    lrs = []
-    for opt, rates in zip(trainer.optimizers, before):
-        for group, lr in zip(opt.param_groups, rates):
-            group["lr"] = lr * factor
-            lrs.append(group["lr"])
-    return lrs

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 
 
-def sampling_logits(logits: torch.Tensor, temperature: float, banned: Sequence[int] = ()) -> torch.Tensor:
+def sampling_logits(logits: torch.Tensor, temperature: float, banned: Sequence[int] = (),
+                    inplace: bool = False) -> torch.Tensor:
     """The logits of the distribution rollouts are drawn from, in float32: divided by the sampling
     temperature (greedy counts as 1) and with the banned tokens (image placeholders) at -inf.
 
@@ -15,10 +16,21 @@ def sampling_logits(logits: torch.Tensor, temperature: float, banned: Sequence[i
     ``suppress_tokens`` remove the banned tokens before the softmax), and vLLM reports its
     log-probs from it (``logprobs_mode="processed_logprobs"``), so the trainer, the engines and
     the log-prob gap all compare the same quantity at any temperature. Top-p truncation is not
-    applied: the trainer scores the full tempered distribution (docs/vllm.md, "Log-probs")."""
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    applied: the trainer scores the full tempered distribution (docs/vllm.md, "Log-probs").
+
+    ``inplace`` transforms ``logits`` itself (copied only if not float32 already), for a caller
+    that no longer needs them and cannot afford a second [rows, V] tensor (r1v3.rl.head)."""
+    t = temperature if temperature > 0 else 1.0
+    if not inplace:
+        scaled = logits.float() / t
+        if len(banned):
+            scaled = scaled.index_fill(-1, torch.as_tensor(list(banned), device=scaled.device), float("-inf"))
+        return scaled
+    scaled = logits.float()
+    if t != 1.0:
+        scaled.div_(t)
     if len(banned):
-        scaled = scaled.index_fill(-1, torch.as_tensor(list(banned), device=scaled.device), float("-inf"))
+        scaled.index_fill_(-1, torch.as_tensor(list(banned), device=scaled.device), float("-inf"))
     return scaled
 
 

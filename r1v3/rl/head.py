@@ -49,14 +49,21 @@ def head_bypassed(model: torch.nn.Module):
         del head.forward
 
 
-def _chunk_logprobs(head: torch.nn.Module, temperature: float, banned: Sequence[int], with_entropy: bool,
-                    entropy_grad: bool, hidden: torch.Tensor, targets: torch.Tensor):
-    logits = type(head).forward(head, hidden)  # the class's forward: a LoRA-wrapped head adapts too
+def score_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float, banned: Sequence[int],
+                 with_entropy: bool = True, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of ``targets`` and (``with_entropy``) entropies under ``logits`` in the engine's
+    sampling distribution; the entropy carries a gradient only with ``entropy_grad``."""
     picked = sampling_logits(logits, temperature, banned)
     logp = gather_logprobs(picked, targets)
     if not with_entropy:
         return logp, None
-    return logp, entropy_from_logits(picked if entropy_grad else picked.detach(), chunk_size=hidden.shape[0])
+    return logp, entropy_from_logits(picked if entropy_grad else picked.detach())
+
+
+def _chunk_logprobs(head: torch.nn.Module, temperature: float, banned: Sequence[int], with_entropy: bool,
+                    entropy_grad: bool, hidden: torch.Tensor, targets: torch.Tensor):
+    logits = type(head).forward(head, hidden)  # the class's forward: a LoRA-wrapped head adapts too
+    return score_logits(logits, targets, temperature, banned, with_entropy, entropy_grad)
 
 
 def _autocast_state(device_type: str) -> dict:
@@ -67,12 +74,7 @@ def _autocast_state(device_type: str) -> dict:
 def _log_probs(hidden, weight, bias, temperature: float, banned: Sequence[int]) -> torch.Tensor:
     """log softmax of :func:`r1v3.logprobs.sampling_logits` of ``hidden``'s logits, with the
     transform done in place: one [rows, V] float32 tensor besides the result."""
-    z = F.linear(hidden, weight, bias).float()
-    if temperature > 0 and temperature != 1.0:
-        z.div_(temperature)
-    if len(banned):
-        z.index_fill_(-1, torch.as_tensor(list(banned), device=z.device), float("-inf"))
-    return torch.log_softmax(z, -1)
+    return torch.log_softmax(sampling_logits(F.linear(hidden, weight, bias), temperature, banned, inplace=True), -1)
 
 
 def _entropies(p: torch.Tensor, finite_logq: torch.Tensor) -> torch.Tensor:

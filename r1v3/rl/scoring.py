@@ -13,10 +13,8 @@ import contextlib
 import torch
 
 from r1v3.distributed import max_over_ranks
-from r1v3.logprobs import gather_logprobs, sampling_logits
 from r1v3.rl import prefix
-from r1v3.rl.entropy import entropy_from_logits
-from r1v3.rl.head import head_bypassed, head_logprobs, logits_chunk
+from r1v3.rl.head import head_bypassed, head_logprobs, logits_chunk, score_logits
 from r1v3.rl.trajectory import StepRollouts
 
 
@@ -55,9 +53,7 @@ def completion_logprobs(model: torch.nn.Module, step: StepRollouts, rows: torch.
         logp, entropy = head_logprobs(out, head, ids, temperature, step.banned_tokens, chunk, with_entropy,
                                       entropy_grad)
     else:
-        picked = sampling_logits(out, temperature, step.banned_tokens)
-        logp = gather_logprobs(picked, ids)
-        entropy = entropy_from_logits(picked if entropy_grad else picked.detach()) if with_entropy else None
+        logp, entropy = score_logits(out, ids, temperature, step.banned_tokens, with_entropy, entropy_grad)
     return logp.cpu() * rollouts.completion_mask[rows], entropy.cpu() if entropy is not None else None
 
 

@@ -397,18 +397,19 @@ class GRPOStage(PolicyUpdate, R1V3Module):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        self.restore_entropy_control(checkpoint)
+        self.reseeds = checkpoint.get("r1v3_reseeds", 0)
+
+    def restore_entropy_control(self, checkpoint: dict) -> None:
         state = checkpoint.get("r1v3_entropy_control")
         if state:  # the adaptive coefficient resumes where it was
             self.entropy_coef, self.last_entropy = state["coef"], state["last_entropy"]
-        self.reseeds = checkpoint.get("r1v3_reseeds", 0)
 
     def after_rollback(self, checkpoint: dict, reseed: bool) -> None:
         """The restored weights reach the engine whole before its next rollout, and the engine is
         checked against the trainer again; the entropy controller goes back with the weights."""
         super().after_rollback(checkpoint, reseed)
-        state = checkpoint.get("r1v3_entropy_control")
-        if state:
-            self.entropy_coef, self.last_entropy = state["coef"], state["last_entropy"]
+        self.restore_entropy_control(checkpoint)
         self.idle_batches = 0
         self.reseeds += int(reseed)
         if self.engine is not None:
