@@ -12,8 +12,9 @@ Each side runs in its own process and prints a JSON line: the median step time a
 steps, the tokens per second (the non-pad tokens each step feeds forward and backward), and the
 peak RSS. The r1v3 line also carries the ratio of its tokens/s to TRL's.
 
-Packing: neither side packs image-text samples. TRL's ``packing`` applies to text-only datasets,
-and r1v3's padding-free update is not built yet (docs/performance.md), so there are no packed rows.
+Packing: r1v3 runs twice, padded (``r1v3-padded``: ``load.padding_free: false``) and padding-free
+(``r1v3``, the default: the batch's real tokens as one packed sequence, r1v3/rl/packing.py). TRL
+1.16 refuses ``padding_free`` and packing for vision datasets, so its side is padded only.
 
 TRL is the benchmark-only extra; ``bash .ci/setup_bench.sh`` builds its venv on top of the dev venv.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from child import run_setting
 
-SIDES = ("trl", "r1v3")  # TRL first: the r1v3 line carries the ratio to it
+SIDES = ("trl", "r1v3-padded", "r1v3")  # TRL first: the r1v3 lines carry the ratio to it
 
 
 def prepare(args) -> tuple[Path, Path]:
@@ -60,7 +61,9 @@ def run_r1v3(args, model_dir: Path, data_dir: Path) -> dict:
     import torch
     from lightning.pytorch import Callback, Trainer
 
+    from r1v3.backbone import LoadConfig
     from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.rl import packing
     from r1v3.stages.base import OptimizerConfig
     from r1v3.stages.sft import SFTStage
 
@@ -77,13 +80,15 @@ def run_r1v3(args, model_dir: Path, data_dir: Path) -> dict:
 
     torch.manual_seed(0)
     stage = SFTStage(str(model_dir), trainable=["vision", "connector", "llm"], val_generate=False,
+                     load=LoadConfig(padding_free=args.run_side == "r1v3"),
                      optimizer=OptimizerConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"))
     timer = Timer()
     Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
             callbacks=[timer]).fit(stage, datamodule=WebDataModule(str(data_dir / "train"), batch_size=args.batch_size,
                                                                    max_prompt_length=4096))
-    return result(args, "r1v3", timer.times, timer.tokens, {"threads": torch.get_num_threads()})
+    return result(args, args.run_side, timer.times, timer.tokens, {"threads": torch.get_num_threads(),
+                                                                   "padding_free": packing.enabled(stage.model)})
 
 
 def run_trl(args, model_dir: Path, data_dir: Path) -> dict:
@@ -164,7 +169,8 @@ def main(argv=None) -> None:
     lines = {}
     for side in SIDES:
         lines[side] = json.loads(run_setting(__file__, raw, ["--run-side", side, "--workdir", args.workdir], side))
-    lines["r1v3"]["tokens_per_s_vs_trl"] = round(lines["r1v3"]["tokens_per_s"] / lines["trl"]["tokens_per_s"], 3)
+    for side in SIDES[1:]:
+        lines[side]["tokens_per_s_vs_trl"] = round(lines[side]["tokens_per_s"] / lines["trl"]["tokens_per_s"], 3)
     for side in SIDES:
         print(json.dumps(lines[side]), flush=True)
 

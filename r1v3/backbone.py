@@ -81,6 +81,9 @@ class LoadConfig:
             loss, added to every stage's training loss and logged as ``train/router_aux_loss``.
             ``None`` keeps the checkpoint's setting (its ``router_aux_loss_coef`` if its
             ``output_router_logits`` is on, else off); 0 turns it off.
+        padding_free: Run training forwards padding-free: a micro-batch's rows as one packed
+            sequence of their real tokens (SDPA models; docs/performance.md, "Padding-free
+            update"). Results equal the padded batch's to rounding.
     """
 
     dtype: str = "float32"
@@ -89,6 +92,7 @@ class LoadConfig:
     groups: Mapping[str, list[str]] | None = None
     gradient_checkpointing: bool = False
     router_aux_loss_coef: float | None = None
+    padding_free: bool = True
 
 
 # Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets

@@ -164,3 +164,23 @@ def test_compare_trl_sft_smoke(tmp_path, side):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["side"] == side and result["steps_timed"] == 2
     assert result["tokens_per_s"] > 0 and result["tokens_per_step_median"] > 100 and result["peak_rss_mb"] > 100
+    if side == "r1v3":
+        assert result["checks"]["padding_free"]
+
+
+def test_padding_free_smoke(tmp_path):
+    from r1v3.tools.tiny import build_tiny
+
+    rollouts = tmp_path / "rollouts.jsonl"  # the shape of a demo run's rollout log
+    rollouts.write_text("\n".join(json.dumps({"completion": "<think>" + "a b " * k + "</think> 3", "finish": "stop"})
+                                  for k in (1, 4, 9)))
+    build_tiny("internvl", tmp_path / "model")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "padding_free.py"), "--size", "tiny", "--repeats", "1",
+                          "--precisions", "fp32", "--prompts", "2", "--group-size", "3", "--max-new-tokens", "16",
+                          "--sft-batch", "4", "--rollouts", str(rollouts), "--tokenizer", str(tmp_path / "model"),
+                          "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [line["workload"] for line in lines] == ["grpo_update", "sft_step"]
+    assert all(line["packed_s"] > 0 and line["padded_s"] > 0 and 0 < line["padding_share"] < 1 for line in lines)
+    assert lines[0]["lengths"] == "demo rollouts" and lines[0]["real_tokens"] < 6 * 16

@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from r1v3.distributed import is_fsdp2, is_sharded
 from r1v3.encoding import EncodedPrompts, append_targets
+from r1v3.rl import packing
 
 
 def prompt_positions(model: torch.nn.Module, tokens: dict, images: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,9 +120,13 @@ def completion_logits(model: torch.nn.Module, tokens: dict, images: dict, prompt
         fed_mask = completion_mask[:, :-1] if width > 1 else torch.zeros_like(completion_mask)
         mask = torch.cat([tokens["attention_mask"][prompt_index], fed_mask.to(tokens["attention_mask"])], 1)
         positions = following[prompt_index, None] + torch.arange(feed.shape[1], device=feed.device)
-        out = model(input_ids=feed, attention_mask=mask, position_ids=positions,
-                    past_key_values=prompts.for_rows(prompt_index), use_cache=True)
-    return torch.cat([first[prompt_index, None], out.logits], 1)[:, :width]
+        if packing.enabled(model) and fed_mask.any():
+            out = packing.forward(model, feed, fed_mask, positions, prompt=prompts.for_rows(prompt_index),
+                                  prompt_mask=tokens["attention_mask"][prompt_index])
+        else:
+            out = model(input_ids=feed, attention_mask=mask, position_ids=positions,
+                        past_key_values=prompts.for_rows(prompt_index), use_cache=True).logits
+    return torch.cat([first[prompt_index, None], out], 1)[:, :width]
 
 
 def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict, completion_ids: torch.Tensor,
@@ -133,7 +138,12 @@ def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict
     targets = [row[: int(n)].tolist() for row, n in zip(completion_ids, completion_mask.sum(1))]
     inputs, _, start = append_targets({k: v.cpu() for k, v in tokens.items()}, targets, pad_id)
     device = completion_ids.device
-    logits = model(**{k: v.to(device) for k, v in inputs.items()}, **images, use_cache=False).logits
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if packing.enabled(model):
+        logits = packing.forward(model, inputs["input_ids"], inputs["attention_mask"],
+                                 prompt_positions(model, inputs, images)[0], images)
+    else:
+        logits = model(**inputs, **images, use_cache=False).logits
     index = (start.to(device)[:, None] - 1 + torch.arange(width, device=device)[None]).clamp(max=logits.shape[1] - 1)
     return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
 

@@ -25,6 +25,7 @@ from r1v3 import lora as lora_adapters
 from r1v3.encoding import PromptEncoder
 from r1v3.logprobs import gather_logprobs
 from r1v3.moe import RouterAuxLoss, write_released_layout
+from r1v3.rl import packing
 from r1v3.rl.rollout import own_generation_config
 from r1v3.stages.health import DivergedError, NonFiniteError, StageHealth  # noqa: F401 - re-exported
 from r1v3.stages.in_backward import OptimizerInBackward
@@ -128,6 +129,7 @@ class R1V3Module(StageHealth, LightningModule):
         if self.model is not None:  # built before fit (tests, demo): the strategy may still shard it
             fsdp.configure_sharding(self)
             self.check_logits_chunk()
+            self.configure_packing(self.model)
             return
         fsdp.check_strategy(self._trainer.strategy if self._trainer else None)  # before a long load
         load = self.load_config
@@ -155,6 +157,17 @@ class R1V3Module(StageHealth, LightningModule):
             self.model.config.use_cache = False
         fsdp.configure_sharding(self)  # FSDP2 when the trainer's strategy is a ModelParallelStrategy
         self.check_logits_chunk()
+        self.configure_packing(self.model)
+
+    def configure_packing(self, model: torch.nn.Module) -> None:
+        """Padding-free training forwards (``load.padding_free``), where the model's attention
+        allows them (r1v3.rl.packing); a model that does not keeps padded batches, said once."""
+        if not self.load_config.padding_free or packing.enabled(model):
+            return
+        if not packing.enable(model):
+            config = packing.language_config(model)
+            rank_zero_info(f"[r1v3] padded batches: padding_free needs SDPA attention without a sliding window "
+                           f"(this model: {config._attn_implementation})")
 
     logits_chunk: int | None = 0  # stages that score from hidden states set it (r1v3.rl.head)
 

@@ -236,6 +236,7 @@ class GRPOStage(PolicyUpdate, R1V3Module):
                                    on_meta=sharded and fsdp.loads_sharded(self.trainer.strategy))
             model = ref.model.eval().requires_grad_(False)
             model.r1v3_logits_chunk = self.logits_chunk
+            self.configure_packing(model)
             if sharded:
                 fsdp.shard_reference(model, self, cpu_offload=self.hparams.reference_cpu_offload)
             self.reference = [model]  # a list hides it from Lightning

@@ -13,6 +13,7 @@ a batch is split (rows of 133 and 14 targets: 9.5x). The HF Trainer and TRL norm
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -20,10 +21,13 @@ from torchmetrics import MeanMetric
 
 from r1v3.backbone import LoadConfig
 from r1v3.chat import parse_response
+from r1v3.logprobs import gather_logprobs
 from r1v3.lora import LoraConfig
 from r1v3.errors import UserError
 from r1v3.rewards.accuracy import is_correct
+from r1v3.rl import packing
 from r1v3.rl.head import head_bypassed, head_logprobs
+from r1v3.rl.prefix import prompt_positions
 from r1v3.stages.base import OptimizerConfig, R1V3Module
 
 
@@ -75,14 +79,23 @@ class SFTStage(R1V3Module):
 
     def supervised_loss(self, batch: dict) -> torch.Tensor:
         """Mean NLL over the batch's target tokens."""
-        if not self.logits_chunk:
+        packed, chunk = packing.enabled(self.model), self.logits_chunk
+        if not (chunk or packed):
             return self(batch["inputs"], batch["images"], labels=batch["labels"], use_cache=False).loss
-        with head_bypassed(self.model) as head:  # ``.logits`` holds the final hidden states
-            hidden = self(batch["inputs"], batch["images"], use_cache=False).logits
+        inputs, images = batch["inputs"], batch["images"]
+        with head_bypassed(self.model) if chunk else contextlib.nullcontext() as head:  # ``.logits``: hidden states
+            if packed:  # padding-free: the rows' real tokens as one sequence (r1v3.rl.packing)
+                out = packing.forward(self.model, inputs["input_ids"], inputs["attention_mask"],
+                                      prompt_positions(self.model, inputs, images)[0], images)
+            else:
+                out = self(inputs, images, use_cache=False).logits
         targets = batch["labels"][:, 1:]
         scored = targets != -100  # only the target positions meet the head: the prompt's never do
-        logp, _ = head_logprobs(hidden[:, :-1][scored][None], head, targets[scored][None], 1.0, (),
-                                self.logits_chunk, with_entropy=False)
+        if chunk:
+            logp, _ = head_logprobs(out[:, :-1][scored][None], head, targets[scored][None], 1.0, (), chunk,
+                                    with_entropy=False)
+        else:
+            logp = gather_logprobs(out[:, :-1][scored], targets[scored])
         return -logp.mean()
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
