@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -219,12 +218,6 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
     if family in UNSUPPORTED:
         raise BackboneError(f"{path}: {family} is not supported: {UNSUPPORTED[family]}")
     resolved_groups = resolve_groups(family, groups)
-    if device == "cpu" and not torch.cuda.is_available():
-        # transformers' own switch: grouped-query attention goes to SDPA with enable_gqa instead of
-        # first copying each KV head to every query head (repeat_kv). It only enables it on CUDA
-        # without a mask, where a mask would fall back to the math kernel; CPU's flash kernel takes
-        # the mask, and a GRPO update measured 4% (fp32) to 8% (bf16) faster (bench/update_flops.py).
-        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     attn = resolve_attn_implementation(attn_implementation, device)
     model = None
     if on_meta and not trust_remote_code and Path(path).is_dir():
