@@ -3,6 +3,7 @@ demo's real completion lengths, and an SFT step on the synthetic think-before-an
 
     python bench/padding_free.py --rollouts <demo>/grpo/logs/version_0/rollouts.jsonl --tokenizer <demo>/model
     python bench/padding_free.py --fixed                         # equal lengths: what packing costs
+    python bench/padding_free.py ... --compile                   # and the compiled layers (load.compile)
     python bench/padding_free.py --size tiny --repeats 2        # smoke run: lengths drawn uniformly
 
 GRPO: ``--prompts`` prompts of the synthetic shards with G completions each, whose lengths are drawn
@@ -43,14 +44,18 @@ def demo_lengths(rollouts: str | None, tokenizer: str | None, cap: int) -> list[
             for r in rows]
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, thread pools, first-call dispatch
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(median seconds, seconds of the first call): the first is a warm-up (allocator, thread
+    pools, and for a compiled model the compile itself)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), first
 
 
 def main(argv=None) -> None:
@@ -59,6 +64,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rollouts", default=None, help="a demo run's rollouts.jsonl (grpo/logs/version_0)")
     parser.add_argument("--tokenizer", default=None, help="the demo's model directory (its tokenizer)")
     parser.add_argument("--fixed", action="store_true", help="every completion --max-new-tokens long: no padding")
+    parser.add_argument("--compile", action="store_true",
+                        help="then compile the decoder layers (load.compile) and time the packed passes again")
     for flag, default in (("--prompts", 4), ("--group-size", 8), ("--max-new-tokens", 48), ("--sft-batch", 8),
                           ("--repeats", 5), ("--seed", 0)):
         parser.add_argument(flag, type=int, default=default)
@@ -126,18 +133,30 @@ def main(argv=None) -> None:
     sft_mask = sft_batch["inputs"]["attention_mask"]
     workloads = {"grpo_update": (grpo_step, float(mask.float().mean()), int(mask.sum()), n),
                  "sft_step": (sft_step, float(sft_mask.float().mean()), int(sft_mask.sum()), sft_mask.shape[0])}
+    results = []
     for name, (make, real_share, real_tokens, rows) in workloads.items():
         for precision in args.precisions:
             def autocast(p=precision):
                 return torch.autocast("cpu", dtype=torch.bfloat16) if p == "bf16" else contextlib.nullcontext()
-            packed = timed(make(autocast), args.repeats)
+            packed, _ = timed(make(autocast), args.repeats)
             with packing.disabled(model):
-                padded = timed(make(autocast), args.repeats)
-            print(json.dumps({"bench": "padding_free", "workload": name, "size": args.size, "precision": precision,
-                              "rows": rows, "real_tokens": real_tokens, "padding_share": round(1 - real_share, 3),
-                              "lengths": "fixed" if args.fixed else "demo rollouts" if args.rollouts else "uniform",
-                              "padded_s": round(padded, 4), "packed_s": round(packed, 4),
-                              "speedup": round(padded / packed, 3)}), flush=True)
+                padded, _ = timed(make(autocast), args.repeats)
+            results.append({"bench": "padding_free", "workload": name, "size": args.size, "precision": precision,
+                            "rows": rows, "real_tokens": real_tokens, "padding_share": round(1 - real_share, 3),
+                            "lengths": "fixed" if args.fixed else "demo rollouts" if args.rollouts else "uniform",
+                            "padded_s": round(padded, 4), "packed_s": round(packed, 4),
+                            "speedup": round(padded / packed, 3), "autocast": autocast})
+    if args.compile:  # last: compiling cannot be undone in this process
+        packing.compile_layers(model)
+        for row in results:
+            make = workloads[row["workload"]][0]
+            compiled, first = timed(make(row["autocast"]), args.repeats)
+            row |= {"compiled_s": round(compiled, 4), "first_call_compiled_s": round(first, 2),
+                    "speedup_compiled_vs_packed": round(row["packed_s"] / compiled, 3),
+                    "speedup_compiled_vs_padded": round(row["padded_s"] / compiled, 3)}
+    for row in results:
+        row.pop("autocast")
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

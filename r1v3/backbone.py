@@ -83,6 +83,10 @@ class LoadConfig:
         padding_free: Run training forwards padding-free: a micro-batch's rows as one packed
             sequence of their real tokens (SDPA models; docs/performance.md, "Padding-free
             update"). Results equal the padded batch's to rounding.
+        compile: ``torch.compile`` the language model's decoder layers for the padding-free
+            training forwards (needs ``padding_free``): one graph per grad mode whatever the
+            lengths. Off by default: on this project's 2-core CPU it measured no faster
+            (docs/performance.md, "Compiled layers"); the kernels it generates on GPU differ.
     """
 
     dtype: str = "float32"
@@ -92,6 +96,7 @@ class LoadConfig:
     gradient_checkpointing: bool = False
     router_aux_loss_coef: float | None = None
     padding_free: bool = True
+    compile: bool = False
 
 
 # Lightning checkpoints keep the stage's hyperparameters; allow-listing this plain config class lets

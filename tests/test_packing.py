@@ -114,3 +114,65 @@ def test_packed_whole_rows_match_padded(model_dirs, synth_dir, family):
         padded = loss_and_grads(model, prefix.per_row_completion_logits(model, tokens, images, ids, mask, pad), ids,
                                 mask, advantages)
     compare(packed, padded, TOLERANCE["fp32"])
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_compiled_layers_match_eager_and_compile_once(model_dirs, synth_dir):
+    """``load.compile``: the compiled packed pass gives the eager one's log-probs and gradients, and
+    20 passes of different lengths and prompts, with gradients and without, compile a bounded number
+    of graphs (one per grad mode) while the eager prompt pass and generation compile none."""
+    torch._dynamo.reset()
+    backbone, encoder, prompts = load(model_dirs, synth_dir, "internvl", n_prompts=4)
+    model = backbone.model.train()
+    assert packing.enable(model) and packing.compile_layers(model) == 2
+    G, gen = 3, torch.Generator().manual_seed(0)
+    before = graphs()
+    for step in range(20):
+        n_prompts = 1 + step % 4
+        index = torch.arange(n_prompts).repeat_interleave(G)
+        lengths = torch.randint(1, 13, (len(index),), generator=gen).tolist()
+        ids, mask, advantages = completions(backbone.tokenizer, len(index), 12, lengths, seed=step)
+        sub, sub_images = encoder.encode_prompts([p.text for p in prompts[:n_prompts]],
+                                                 [p.images for p in prompts[:n_prompts]])
+        if step % 5 == 4:
+            with torch.no_grad():
+                prefix.completion_logits(model, sub, sub_images, index, ids, mask)
+            continue
+        logits = prefix.completion_logits(model, sub, sub_images, index, ids, mask)
+        compiled = loss_and_grads(model, logits, ids, mask, advantages)
+        if step in (0, 13):
+            with packing.disabled(model):  # the padded, eager pass
+                eager = loss_and_grads(model, prefix.completion_logits(model, sub, sub_images, index, ids, mask), ids,
+                                       mask, advantages)
+            compare(compiled, eager, TOLERANCE["fp32"])
+    assert 1 <= graphs() - before <= 2, graphs() - before  # compiled at all, and not once per length
+
+
+def test_compiled_sft_run_compiles_once(tiny_dirs, synth_dir):
+    """A 20-step SFT fit with ``load.compile``: batches of different lengths, one graph, and the loss
+    falls as it does eager."""
+    from lightning.pytorch import Trainer
+
+    from r1v3.backbone import LoadConfig
+    from r1v3.data_modules.webdata import WebDataModule
+    from r1v3.stages.base import OptimizerConfig
+    from r1v3.stages.sft import SFTStage
+
+    torch._dynamo.reset()
+    stage = SFTStage(str(tiny_dirs["internvl"]), val_generate=False, load=LoadConfig(compile=True),
+                     optimizer=OptimizerConfig(lr=3e-3, warmup_ratio=0.0, schedule="constant"))
+    losses, widths = [], set()
+    stage.on_train_batch_end = lambda out, batch, *_: (losses.append(float(out["loss"])),
+                                                       widths.add(int(batch["inputs"]["attention_mask"].sum())))
+    before = graphs()
+    Trainer(accelerator="cpu", max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0).fit(
+        stage, datamodule=WebDataModule(train=str(synth_dir / "train"), batch_size=4))
+    assert len(losses) == 20 and len(widths) > 5, widths  # packed lengths differ from step to step
+    assert 1 <= graphs() - before <= 2
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses

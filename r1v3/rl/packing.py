@@ -40,12 +40,14 @@ class Pack:
 
     index: torch.Tensor  # [N, T]: packed position of row i's token t (0 past the row's end)
     valid: torch.Tensor  # [N, T] bool: t < the row's length
+    real: torch.Tensor  # [L]: the flat [N·T] indices of the valid positions, in packed order
     mask: torch.Tensor  # [N, 1, T, P + T] bool: prompt keys, then the row's own keys (causal)
     config: object  # the language model's config: only its attention layers unpack
     prompt: object = None  # per-row read-only prompt cache (r1v3.rl.prefix.PromptCache) or None
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, r1v3_pack=None, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, r1v3_pack=None, r1v3_prompt=None,
+               **kwargs):
     pack = r1v3_pack
     if pack is None or getattr(module, "config", None) is not pack.config:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -57,9 +59,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         return x[0].index_select(1, flat).unflatten(1, pack.index.shape).transpose(0, 1)
 
     q, k, v = rows(query), rows(key), rows(value)
-    if pack.prompt is not None:
-        layer = pack.prompt.layers[module.layer_idx]
-        k, v = torch.cat([layer.keys.to(k.dtype), k], 2), torch.cat([layer.values.to(v.dtype), v], 2)
+    if pack.prompt is not None:  # a compiled layer is handed its prompt states (see ``compile_layers``)
+        prompt_k, prompt_v = r1v3_prompt if r1v3_prompt is not None else layer_states(pack.prompt, module.layer_idx)
+        k, v = torch.cat([prompt_k.to(k.dtype), k], 2), torch.cat([prompt_v.to(v.dtype), v], 2)
     gqa = {}
     if k.shape[1] != heads:
         if k.device.type == "cpu" or use_gqa_in_sdpa(pack.mask, k, v):  # CPU SDPA takes GQA with a mask
@@ -68,7 +70,13 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             k, v = repeat_kv(k, heads // k.shape[1]), repeat_kv(v, heads // v.shape[1])
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=pack.mask, dropout_p=dropout if module.training else 0.0, scale=scaling, **gqa)
-    return out.transpose(1, 2)[pack.valid][None], None  # [1, L, h, d], as transformers' SDPA returns
+    out = out.transpose(1, 2).flatten(0, 1).index_select(0, pack.real)
+    return out[None], None  # [1, L, h, d], as transformers' SDPA returns
+
+
+def layer_states(prompt, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = prompt.layers[layer_idx]
+    return layer.keys, layer.values
 
 
 def _mask(*args, **kwargs):
@@ -123,7 +131,7 @@ def _layout(valid: torch.Tensor, prompt_mask: torch.Tensor | None, config) -> Pa
     own = own | torch.eye(width, dtype=torch.bool, device=device)[None]
     if prompt_mask is not None:
         own = torch.cat([prompt_mask.bool()[:, None, :].expand(n, width, -1), own], 2)
-    return Pack(index, inside, own[:, None], config)
+    return Pack(index, inside, inside.reshape(-1).nonzero().squeeze(1), own[:, None], config)
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
@@ -157,3 +165,40 @@ def disabled(model: torch.nn.Module):
         yield
     finally:
         model.r1v3_packed = was
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The language model's decoder layers (the modules holding ``self_attn``)."""
+    for name, module in model.named_modules():
+        if name.endswith("language_model.layers") or name.endswith("model.layers"):
+            return list(module)
+    return []
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` each decoder layer for the packed forwards only (opt-in: ``load.compile``).
+
+    Packed calls have one shape family, ``[1, L]`` tokens with L dynamic, so a run compiles a
+    bounded number of graphs whatever its lengths; generation and the padded prompt pass (caches,
+    masks, one-token decode steps) stay eager and never trigger a recompile. Each layer is handed
+    its prompt keys and values here, outside the compiled region: read inside, the layer's index
+    would be a constant of the graph and every layer would compile its own. Returns the number of
+    layers wrapped."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        if getattr(layer, "r1v3_compiled", False):
+            continue
+        eager = layer.forward
+        compiled = torch.compile(eager, dynamic=True)
+
+        def forward(*args, _eager=eager, _compiled=compiled, _index=layer.self_attn.layer_idx, **kwargs):
+            pack = kwargs.get("r1v3_pack")
+            if pack is None:
+                return _eager(*args, **kwargs)
+            if pack.prompt is not None:
+                kwargs["r1v3_prompt"] = layer_states(pack.prompt, _index)
+            return _compiled(*args, **kwargs)
+
+        layer.forward = forward
+        layer.r1v3_compiled = True
+    return len(layers)

@@ -161,13 +161,19 @@ class R1V3Module(StageHealth, LightningModule):
 
     def configure_packing(self, model: torch.nn.Module) -> None:
         """Padding-free training forwards (``load.padding_free``), where the model's attention
-        allows them (r1v3.rl.packing); a model that does not keeps padded batches, said once."""
-        if not self.load_config.padding_free or packing.enabled(model):
-            return
-        if not packing.enable(model):
+        allows them (r1v3.rl.packing); a model that does not keeps padded batches, said once.
+        ``load.compile`` then compiles the decoder layers for those forwards."""
+        load = self.load_config
+        if load.padding_free and not packing.enabled(model) and not packing.enable(model):
             config = packing.language_config(model)
             rank_zero_info(f"[r1v3] padded batches: padding_free needs SDPA attention without a sliding window "
                            f"(this model: {config._attn_implementation})")
+        if load.compile:
+            if not packing.enabled(model):
+                raise bb.BackboneError("load.compile compiles the padding-free forwards: it needs load.padding_free "
+                                       "and a model on SDPA attention")
+            rank_zero_info(f"[r1v3] torch.compile on {packing.compile_layers(model)} decoder layers "
+                           "(the first training step compiles)")
 
     logits_chunk: int | None = 0  # stages that score from hidden states set it (r1v3.rl.head)
 
