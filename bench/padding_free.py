@@ -3,7 +3,7 @@ demo's real completion lengths, and an SFT step on the synthetic think-before-an
 
     python bench/padding_free.py --rollouts <demo>/grpo/logs/version_0/rollouts.jsonl --tokenizer <demo>/model
     python bench/padding_free.py --fixed                         # equal lengths: what packing costs
-    python bench/padding_free.py ... --compile                   # and the compiled layers (load.compile)
+    python bench/padding_free.py ... --compile                   # then the compiled layers (load.compile)
     python bench/padding_free.py --size tiny --repeats 2        # smoke run: lengths drawn uniformly
 
 GRPO: ``--prompts`` prompts of the synthetic shards with G completions each, whose lengths are drawn
