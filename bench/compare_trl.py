@@ -48,7 +48,10 @@ from pathlib import Path
 
 from child import run_setting
 
-SIDES = ("trl", "r1v3-hf", "r1v3-vllm")  # TRL first: the r1v3 lines carry the ratio to it
+# TRL first: the r1v3 lines carry the ratio to it. ``r1v3-vllm-1thread`` holds torch at the one
+# thread vLLM's CPU worker leaves in-process: the vLLM side as it ran before r1v3 gave the trainer
+# its threads back (r1v3/rl/vllm_engine.py), for the before/after of that fix.
+SIDES = ("trl", "r1v3-hf", "r1v3-vllm", "r1v3-vllm-1thread")
 PHASES = ("rollout_s", "reward_s", "old_logprob_s", "forward_s", "backward_s", "sync_s")
 
 
@@ -127,7 +130,7 @@ def summary(args, side: str, rows: list[dict], questions: list[str], checks: dic
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def run_r1v3(args, model_dir: Path, data_dir: Path, engine: str) -> dict:
+def run_r1v3(args, model_dir: Path, data_dir: Path, engine: str, one_thread: bool = False) -> dict:
     import torch
     from lightning.pytorch import Callback, Trainer
 
@@ -144,6 +147,8 @@ def run_r1v3(args, model_dir: Path, data_dir: Path, engine: str) -> dict:
             # Equal work: EOS joins the engine's suppressed ids (HF: SuppressTokensLogitsProcessor,
             # vLLM: logit_bias -100), the counterpart of TRL's min_new_tokens = max_new_tokens.
             stage.engine.suppress_tokens.append(stage.tokenizer.eos_token_id)
+            if one_thread:
+                torch.set_num_threads(1)
 
         def on_train_batch_start(self, trainer, stage, batch, batch_idx):
             self.t0 = time.perf_counter()
@@ -171,11 +176,11 @@ def run_r1v3(args, model_dir: Path, data_dir: Path, engine: str) -> dict:
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       callbacks=[timer], log_every_n_steps=1)
     trainer.fit(stage, datamodule=data_module(args, data_dir))
-    checks = {"precision": str(trainer.precision), "dtype": str(stage.model.dtype),
+    checks = {"precision": str(trainer.precision), "dtype": str(stage.model.dtype), "threads": torch.get_num_threads(),
               "gradient_checkpointing": stage.model.is_gradient_checkpointing}
     if engine == "vllm":
         checks["vllm_dtype"] = str(stage.engine.llm.llm_engine.model_config.dtype)
-    return summary(args, f"r1v3-{engine}", timer.rows, timer.questions, checks)
+    return summary(args, f"r1v3-{engine}" + ("-1thread" if one_thread else ""), timer.rows, timer.questions, checks)
 
 
 def run_trl(args, model_dir: Path, data_dir: Path) -> dict:
@@ -270,7 +275,7 @@ def run_trl(args, model_dir: Path, data_dir: Path) -> dict:
 
 def unavailable(side: str, python: str) -> str | None:
     """Why ``side`` cannot run under ``python`` (None if it can)."""
-    module = {"trl": "trl", "r1v3-vllm": "vllm"}.get(side)
+    module = {"trl": "trl", "r1v3-vllm": "vllm", "r1v3-vllm-1thread": "vllm"}.get(side)
     failed = module and subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode
     return f"`import {module}` fails in {python}" if failed else None
 
@@ -302,7 +307,7 @@ def main(argv=None) -> None:
         if args.run_side == "trl" and args.trl_precision:
             args.precision = args.trl_precision
         result = (run_trl(args, model_dir, data_dir) if args.run_side == "trl"
-                  else run_r1v3(args, model_dir, data_dir, args.run_side.removeprefix("r1v3-")))
+                  else run_r1v3(args, model_dir, data_dir, args.run_side.split("-")[1], args.run_side.endswith("1thread")))
         print(json.dumps(result), flush=True)
         return
     sides = sorted(set(args.sides or SIDES), key=SIDES.index)

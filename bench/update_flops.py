@@ -1,6 +1,6 @@
 """FLOP/s of GRPO's policy update against this machine's measured matmul peak.
 
-    python bench/update_flops.py --precision fp32 bf16
+    python bench/update_flops.py --precision fp32 bf16 --profile
 
 Each precision runs in its own process: a real GRPO fit (HF engine, the small preset, G completions
 of exactly ``--max-new-tokens`` tokens for ``--prompts`` prompts, on-policy, AdamW) whose ``update``
@@ -9,7 +9,9 @@ with ``torch.utils.flop_counter.FlopCounterMode`` on odd ones. The prompts are t
 (a one-batch dataset), so counted and timed updates do the same work; ``flops_spread`` shows it.
 FLOPs are counted on the real step, vision tower included, not estimated as 6·params·tokens. The
 same process then times a 2048² matmul in bf16 and fp32 (smaller where one would take over 0.25 s):
-the peak the update is measured against.
+the peak the update is measured against. ``--profile`` runs one more update under
+``torch.profiler`` and adds the ops with the most self time: where the time goes that the
+FLOP count does not explain.
 """
 
 from __future__ import annotations
@@ -94,6 +96,17 @@ def run_one(args) -> dict:
         overhead would distort a timing taken under it)."""
 
         def update(self, *args, **kwargs):
+            if args_profile and len(self.timed) + len(self.counted) == 1 + 2 * steps:  # the last one
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    out = super().update(*args, **kwargs)
+                events = prof.key_averages()
+                total = sum(e.self_cpu_time_total for e in events)
+                self.profile = [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 4),
+                                 "share": round(e.self_cpu_time_total / total, 3)}
+                                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]]
+                return out
             if len(self.timed) + len(self.counted) < 1:  # warm-up: neither
                 self.timed.append(None)
                 return super().update(*args, **kwargs)
@@ -109,6 +122,7 @@ def run_one(args) -> dict:
             self.timed.append(time.perf_counter() - t0)
             return out
 
+    args_profile, steps = args.profile, args.steps
     count_cpu_attention()
     torch.manual_seed(0)
     work = Path(args.workdir)
@@ -122,8 +136,8 @@ def run_one(args) -> dict:
                          sampling=SamplingConfig(n=args.group_size, max_new_tokens=args.max_new_tokens),
                          reward_fn="__main__.distinct_chars_reward", rollout_log_every=0,
                          micro_batch_tokens=args.micro_batch_tokens)
-    stage.timed, stage.counted, stage.by_op = [], [], {}
-    trainer = Trainer(accelerator="cpu", max_steps=1 + 2 * args.steps, logger=False, enable_checkpointing=False,
+    stage.timed, stage.counted, stage.by_op, stage.profile = [], [], {}, None
+    trainer = Trainer(accelerator="cpu", max_steps=1 + 2 * args.steps + int(args.profile), logger=False, enable_checkpointing=False,
                       precision="bf16-mixed" if args.precision == "bf16" else "32-true",
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       callbacks=[suppress_eos()], log_every_n_steps=1)
@@ -142,7 +156,8 @@ def run_one(args) -> dict:
             "peak_fp32_gflops": round(peaks["fp32"], 1),
             "share_of_bf16_peak": round(achieved / peaks["bf16"], 3),
             "share_of_own_precision_peak": round(achieved / peaks[args.precision], 3),
-            "gflop_by_op": {k: round(v / 1e9, 3) for k, v in sorted(stage.by_op.items(), key=lambda kv: -kv[1])}}
+            "gflop_by_op": {k: round(v / 1e9, 3) for k, v in sorted(stage.by_op.items(), key=lambda kv: -kv[1])},
+            **({"profile_self_time_top": stage.profile} if args.profile else {})}
 
 
 def main(argv=None) -> None:
@@ -153,6 +168,8 @@ def main(argv=None) -> None:
     for flag, default in (("--prompts", 4), ("--group-size", 8), ("--max-new-tokens", 64), ("--steps", 3),
                           ("--micro-batch-tokens", 8192)):
         parser.add_argument(flag, type=int, default=default)
+    parser.add_argument("--profile", action="store_true",
+                        help="one more update under torch.profiler: the ops with the most self time")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
     raw = sys.argv[1:] if argv is None else list(argv)

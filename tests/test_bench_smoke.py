@@ -39,7 +39,7 @@ def test_grpo_step_smoke(tmp_path):
 def test_update_flops_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "update_flops.py"), "--size", "tiny", "--precision",
                           "fp32", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "6", "--steps", "2",
-                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "--profile", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["updates_timed"] == 2 and result["flops_spread"] == 0.0  # same work every update
@@ -48,6 +48,8 @@ def test_update_flops_smoke(tmp_path):
     # the CPU has no native bf16 (AVX-512-BF16/AMX) and bf16 matmuls run in a slow reference path.
     assert result["share_of_bf16_peak"] > 0 and 0 < result["share_of_own_precision_peak"] < 1
     assert "mm" in result["gflop_by_op"]
+    top = result["profile_self_time_top"]
+    assert 0 < len(top) <= 12 and all(row["self_s"] >= 0 for row in top) and sum(r["share"] for r in top) <= 1.001
 
 
 def test_lora_bench_smoke(tmp_path):

@@ -1,13 +1,13 @@
-"""Chunked log-probs (r1v3/rl/head.py): the head applied a few positions at a time gives the
-log-probs, entropies and gradients of the whole logits, through both ways a micro-batch is scored
-(one shared prompt pass per group, or every row whole), on a 151k-token vocabulary and with a
-LoRA-adapted head."""
+"""Chunked log-probs (r1v3/rl/head.py): the head applied a few positions at a time, after a
+padding-free pass, gives the log-probs, entropies and gradients of the whole logits of a padded
+one, through both ways a micro-batch is scored (one shared prompt pass per group, or every row
+whole), on a 151k-token vocabulary and with a LoRA-adapted head."""
 
 import pytest
 import torch
 
 from r1v3.lora import LoraConfig
-from r1v3.rl import prefix, scoring
+from r1v3.rl import packing, prefix, scoring
 from r1v3.rl.rollout import Prompt, SamplingConfig
 from r1v3.stages.grpo import GRPOStage
 
@@ -50,7 +50,9 @@ def test_chunked_logprobs_equal_the_whole_logits(name, shared, lora, bf16, tiny_
     torch.manual_seed(0)
     step = stage.record(prompts, stage.engine.generate(prompts, stage.sampling, seed=3))
     rows = torch.tensor([5, 0, 3, 1])
-    whole = score(stage, step, rows, 0, bf16)
+    assert packing.enabled(stage.model)  # the stage's default: chunks of a padding-free pass
+    with packing.disabled(stage.model):  # the plain path: padded rows, whole logits
+        whole = score(stage, step, rows, 0, bf16)
     chunked = score(stage, step, rows, 5, bf16)  # 4 rows × 7 positions: chunks of 5, the last one short
     tol = 5e-2 if bf16 else 1e-5
     assert step.rollouts.completion_mask[rows].sum() > 5

@@ -384,6 +384,15 @@ def test_engine_threads_benchmark_smoke(tmp_path, capsys):
     assert result["update_s_before_engine"] > 0 and result["update_s_after_engine"] > 0
 
 
+def test_compare_trl_one_thread_side_smoke(tmp_path):
+    """The before-the-thread-fix side of bench/compare_trl.py really trains at one thread, beside a
+    vLLM engine (its own process: the thread count must not leak into this one)."""
+    from test_bench_smoke import _compare_trl
+
+    result = _compare_trl(tmp_path, "r1v3-vllm-1thread")
+    assert result["checks"]["threads"] == 1 and "vllm_dtype" in result["checks"]
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
 def test_tied_embeddings_keep_parity_after_sync(family, tmp_path):
     """Input and output embeddings tied, as in many released checkpoints: weight sync is where a
