@@ -43,3 +43,12 @@ def suppress_eos():
         def on_fit_start(self, trainer, stage):
             stage.engine.suppress_tokens.append(stage.tokenizer.eos_token_id)
     return SuppressEOS()
+
+
+def top_ops(prof, n: int = 12) -> list[dict]:
+    """The ``n`` ops with the most self CPU time in a finished ``torch.profiler.profile``, each
+    with its seconds and share of the profiled total."""
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 4), "share": round(e.self_cpu_time_total / total, 3)}
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:n]]

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from child import run_setting
+from child import run_setting, top_ops
 
 SIDES = ("trl", "r1v3-padded", "r1v3")  # TRL first: the r1v3 lines carry the ratio to it
 
@@ -48,13 +48,37 @@ def prepare(args) -> tuple[Path, Path]:
     return model_dir, data_dir
 
 
-def result(args, side: str, times: list[float], tokens: list[int], checks: dict) -> dict:
+class StepProfiler:
+    """With ``--profile``, ``torch.profiler`` around the last step (0-based index ``steps - 1``), so
+    the timed steps before it run unprofiled; ``top`` then holds its ops with the most self time."""
+
+    def __init__(self, args):
+        self.at = args.steps - 1 if args.profile else None
+        self.prof, self.top = None, None
+
+    def start(self, step: int) -> None:
+        if step == self.at:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.prof.__enter__()
+
+    def stop(self, step: int) -> None:
+        if step == self.at and self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.top = top_ops(self.prof)
+
+
+def result(args, side: str, times: list[float], tokens: list[int], checks: dict, profile=None) -> dict:
+    if args.profile:  # the profiled step is not timed
+        times, tokens = times[:-1], tokens[:-1]
     times, tokens = times[args.warmup:], tokens[args.warmup:]
     return {"bench": "compare_trl_sft", "side": side, "size": args.size, "batch_size": args.batch_size,
             "steps_timed": len(times), "step_s_median": round(statistics.median(times), 4),
             "tokens_per_step_median": statistics.median(tokens),
             "tokens_per_s": round(statistics.median(n / t for n, t in zip(tokens, times)), 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "checks": checks}
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "checks": checks,
+            **({"profile_self_time_top": profile} if args.profile else {})}
 
 
 def run_r1v3(args, model_dir: Path, data_dir: Path) -> dict:
@@ -72,23 +96,26 @@ def run_r1v3(args, model_dir: Path, data_dir: Path) -> dict:
             self.times, self.tokens, self.t0 = [], [], 0.0
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            profiler.start(batch_idx)
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # after the optimizer step
             self.times.append(time.perf_counter() - self.t0)
             self.tokens.append(int(batch["inputs"]["attention_mask"].sum()))
+            profiler.stop(batch_idx)
 
     torch.manual_seed(0)
     stage = SFTStage(str(model_dir), trainable=["vision", "connector", "llm"], val_generate=False,
                      load=LoadConfig(padding_free=args.run_side == "r1v3"),
                      optimizer=OptimizerConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant"))
-    timer = Timer()
+    timer, profiler = Timer(), StepProfiler(args)
     Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
             callbacks=[timer]).fit(stage, datamodule=WebDataModule(str(data_dir / "train"), batch_size=args.batch_size,
                                                                    max_prompt_length=4096))
     return result(args, args.run_side, timer.times, timer.tokens, {"threads": torch.get_num_threads(),
-                                                                   "padding_free": packing.enabled(stage.model)})
+                                                                   "padding_free": packing.enabled(stage.model)},
+                  profiler.top)
 
 
 def run_trl(args, model_dir: Path, data_dir: Path) -> dict:
@@ -124,10 +151,12 @@ def run_trl(args, model_dir: Path, data_dir: Path) -> dict:
             self.times, self.t0 = [], 0.0
 
         def on_step_begin(self, a, state, control, **kw):
+            profiler.start(state.global_step)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):  # after clipping and optimizer.step()
             self.times.append(time.perf_counter() - self.t0)
+            profiler.stop(state.global_step - 1)  # the step just ended (global_step counts it already)
 
     config = SFTConfig(
         output_dir=str(Path(args.workdir) / "trl-sft-out"), use_cpu=True, seed=0, report_to="none",
@@ -142,11 +171,13 @@ def run_trl(args, model_dir: Path, data_dir: Path) -> dict:
     trainer = CountingSFT(model=str(model_dir), args=config, train_dataset=dataset,
                           processing_class=load_processor(model_dir))
     timer = Timer()
+    profiler = StepProfiler(args)
     trainer.add_callback(timer)
     trainer.train()
     return result(args, "trl", timer.times, tokens, {"trl": trl.__version__, "threads": torch.get_num_threads(),
                                                      "completion_only_loss": trainer.args.completion_only_loss,
-                                                     "gradient_checkpointing": trainer.model.is_gradient_checkpointing})
+                                                     "gradient_checkpointing": trainer.model.is_gradient_checkpointing},
+                  profiler.top)
 
 
 def main(argv=None) -> None:
@@ -154,11 +185,15 @@ def main(argv=None) -> None:
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     for flag, default in (("--steps", 12), ("--warmup", 2), ("--batch-size", 8)):
         parser.add_argument(flag, type=int, default=default)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step on each side: the ops with the most self time")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--run-side", default=None, choices=SIDES, help=argparse.SUPPRESS)
     raw = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(raw)
-    if args.steps <= args.warmup:
+    if args.profile:
+        args.steps += 1  # the profiled step comes after the timed ones
+    if args.steps <= args.warmup + int(args.profile):
         parser.error("--steps must exceed --warmup")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="r1v3-bench-trl-sft-")
     model_dir, data_dir = prepare(args)

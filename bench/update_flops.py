@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from child import run_setting, suppress_eos
+from child import run_setting, suppress_eos, top_ops
 from r1v3.tools.tiny import FAMILIES
 
 
@@ -101,11 +101,7 @@ def run_one(args) -> dict:
 
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     out = super().update(*args, **kwargs)
-                events = prof.key_averages()
-                total = sum(e.self_cpu_time_total for e in events)
-                self.profile = [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 4),
-                                 "share": round(e.self_cpu_time_total / total, 3)}
-                                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]]
+                self.profile = top_ops(prof)
                 return out
             if len(self.timed) + len(self.counted) < 1:  # warm-up: neither
                 self.timed.append(None)

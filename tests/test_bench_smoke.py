@@ -160,12 +160,13 @@ def test_compare_trl_sft_smoke(tmp_path, side):
     if side == "trl":
         pytest.importorskip("trl", reason="TRL is the benchmark-only extra r1v3[bench]; .ci/setup_bench.sh builds its venv")
     out = subprocess.run([sys.executable, str(REPO / "bench" / "compare_trl_sft.py"), "--size", "tiny", "--steps", "3",
-                          "--warmup", "1", "--run-side", side, "--workdir", str(tmp_path)],
+                          "--warmup", "1", "--profile", "--run-side", side, "--workdir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["side"] == side and result["steps_timed"] == 2
     assert result["tokens_per_s"] > 0 and result["tokens_per_step_median"] > 100 and result["peak_rss_mb"] > 100
+    assert result["profile_self_time_top"][0]["share"] > 0  # the profiled step comes after the 2 timed ones
     if side == "r1v3":
         assert result["checks"]["padding_free"]
 

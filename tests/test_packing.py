@@ -151,6 +151,13 @@ def test_compiled_layers_match_eager_and_compile_once(model_dirs, synth_dir):
                                        mask, advantages)
             compare(compiled, eager, TOLERANCE["fp32"])
     assert 1 <= graphs() - before <= 2, graphs() - before  # compiled at all, and not once per length
+    # Under bf16 autocast (its own graph): within the bound of the padded eager pass in test_prefix.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = prefix.completion_logits(model, sub, sub_images, index, ids, mask)
+    compiled = loss_and_grads(model, logits, ids, mask, advantages)
+    with torch.autocast("cpu", dtype=torch.bfloat16), packing.disabled(model):
+        logits = prefix.completion_logits(model, sub, sub_images, index, ids, mask)
+    compare(compiled, loss_and_grads(model, logits, ids, mask, advantages), TOLERANCE["bf16"])
 
 
 def test_compiled_sft_run_compiles_once(tiny_dirs, synth_dir):
