@@ -72,7 +72,8 @@ def sft_loss_and_grads(stage, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in stage.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family, chunk", [("internvl", 0), ("qwen2_5_vl", 0), ("llava", 0), ("internvl_tiled", 128)])
+@pytest.mark.parametrize("family, chunk", [("internvl", 0), ("qwen2_5_vl", 0), ("qwen3_vl", 0), ("llava", 0),
+                                           ("internvl_tiled", 128)])
 def test_packed_sft_loss_matches_padded(model_dirs, synth_dir, family, chunk):
     from r1v3.data_modules.webdata import WebDataModule
     from r1v3.stages.sft import SFTStage

@@ -39,7 +39,6 @@ class Pack:
     """Where each row's tokens sit in the packed sequence, and what each may attend to."""
 
     index: torch.Tensor  # [N, T]: packed position of row i's token t (0 past the row's end)
-    valid: torch.Tensor  # [N, T] bool: t < the row's length
     real: torch.Tensor  # [L]: the flat [N·T] indices of the valid positions, in packed order
     mask: torch.Tensor  # [N, 1, T, P + T] bool: prompt keys, then the row's own keys (causal)
     config: object  # the language model's config: only its attention layers unpack
@@ -131,7 +130,7 @@ def _layout(valid: torch.Tensor, prompt_mask: torch.Tensor | None, config) -> Pa
     own = own | torch.eye(width, dtype=torch.bool, device=device)[None]
     if prompt_mask is not None:
         own = torch.cat([prompt_mask.bool()[:, None, :].expand(n, width, -1), own], 2)
-    return Pack(index, inside, inside.reshape(-1).nonzero().squeeze(1), own[:, None], config)
+    return Pack(index, inside.reshape(-1).nonzero().squeeze(1), own[:, None], config)
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
