@@ -184,3 +184,42 @@ def test_compiled_sft_run_compiles_once(tiny_dirs, synth_dir):
     assert len(losses) == 20 and len(widths) > 5, widths  # packed lengths differ from step to step
     assert 1 <= graphs() - before <= 2
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+
+
+@pytest.mark.gpu
+def test_packed_flash_attention_matches_padded(model_dirs, synth_dir, monkeypatch):
+    """On GPU with flash-attn 2, packed rows go through flash-attn's varlen kernel (r1v3_packed_flash):
+    the same log-probs and gradients as padded flash attention, with the shared prompt pass and with
+    whole rows, within the bf16 bounds (the kernel computes in half precision)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: flash-attn's varlen kernel runs only there")
+    pytest.importorskip("flash_attn", reason="needs flash-attn 2 (pip install flash-attn)")
+    from r1v3 import backbone as bb
+
+    load_backbone = bb.load_backbone
+    monkeypatch.setattr(bb, "load_backbone", lambda path, **kw: load_backbone(
+        path, dtype="bfloat16", attn_implementation="flash_attention_2", device="cuda"))
+    backbone, encoder, prompts = load(model_dirs, synth_dir, "qwen2_5_vl")
+    model = backbone.model.cuda().train()
+    assert packing.enable(model) and packing.language_config(model)._attn_implementation == packing.PACKED_FLASH
+    owners = [0, 0, 1, 1, 1]
+    ids, mask, advantages = completions(backbone.tokenizer, len(owners), 9, [9, 3, 1, 6, 8])
+    ids, mask, advantages = ids.cuda(), mask.cuda(), advantages.cuda()
+    tokens, images = encoder.encode_prompts([prompts[p].text for p in (0, 1)], [prompts[p].images for p in (0, 1)])
+    tokens, images = ({k: v.cuda() for k, v in d.items()} for d in (tokens, images))
+    index = torch.tensor(owners, device="cuda")
+    packed = loss_and_grads(model, prefix.completion_logits(model, tokens, images, index, ids, mask), ids, mask,
+                            advantages)
+    with packing.disabled(model):
+        padded = loss_and_grads(model, prefix.completion_logits(model, tokens, images, index, ids, mask), ids, mask,
+                                advantages)
+    compare(packed, padded, TOLERANCE["bf16"])
+    rows, rows_images = encoder.encode_prompts([prompts[p].text for p in owners], [prompts[p].images for p in owners])
+    rows, rows_images = ({k: v.cuda() for k, v in d.items()} for d in (rows, rows_images))
+    pad = backbone.tokenizer.pad_token_id
+    packed = loss_and_grads(model, prefix.per_row_completion_logits(model, rows, rows_images, ids, mask, pad), ids,
+                            mask, advantages)
+    with packing.disabled(model):
+        padded = loss_and_grads(model, prefix.per_row_completion_logits(model, rows, rows_images, ids, mask, pad),
+                                ids, mask, advantages)
+    compare(packed, padded, TOLERANCE["bf16"])

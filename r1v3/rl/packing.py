@@ -14,9 +14,9 @@ row-causal mask, and scatters the real positions back. Attention therefore costs
 padded; everything else shrinks by the padding share. Without a pack (generation, the prompt
 pass, monitoring) the implementation is transformers' SDPA, mask included, unchanged.
 
-On GPU, flash-attn's varlen kernel would take the packed sequence directly (``cu_seqlens``);
-that path is not built yet, so a model loaded with ``flash_attention_2`` keeps padded batches
-(docs/performance.md, "Padding-free update").
+On GPU with flash-attn 2 the model gets ``r1v3_packed_flash`` instead: flash-attn's varlen
+kernel takes the packed rows directly, with cumulative lengths per row and each row's prompt keys
+gathered in front of its own (docs/performance.md, "Padding-free update").
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-PACKED = "r1v3_packed_sdpa"
+PACKED, PACKED_FLASH = "r1v3_packed_sdpa", "r1v3_packed_flash"
 _forward = threading.local()  # set while a packed forward builds its masks: they are not needed
 
 
@@ -40,9 +40,10 @@ class Pack:
 
     index: torch.Tensor  # [N, T]: packed position of row i's token t (0 past the row's end)
     real: torch.Tensor  # [L]: the flat [N·T] indices of the valid positions, in packed order
-    mask: torch.Tensor  # [N, 1, T, P + T] bool: prompt keys, then the row's own keys (causal)
+    mask: torch.Tensor | None  # [N, 1, T, P + T] bool: prompt keys, then the row's own keys (causal)
     config: object  # the language model's config: only its attention layers unpack
     prompt: object = None  # per-row read-only prompt cache (r1v3.rl.prefix.PromptCache) or None
+    varlen: dict | None = None  # flash-attn's cumulative lengths and key order (GPU path)
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, r1v3_pack=None, r1v3_prompt=None,
@@ -73,6 +74,36 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return out[None], None  # [1, L, h, d], as transformers' SDPA returns
 
 
+def _flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, r1v3_pack=None,
+                     r1v3_prompt=None, **kwargs):
+    """The GPU counterpart: flash-attn's varlen kernel takes the packed rows as they are. With a
+    shared prompt pass, row i's keys are its prompt's real keys followed by its own, and the kernel's
+    causal mask (aligned to the end of each key run) lets query t see the prompt and its own first
+    t + 1 keys."""
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    pack = r1v3_pack
+    if pack is None or getattr(module, "config", None) is not pack.config:
+        return flash_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                       **kwargs)
+    from flash_attn import flash_attn_varlen_func
+
+    varlen = pack.varlen
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [L, heads, d]
+    if pack.prompt is not None:
+        prompt_k, prompt_v = r1v3_prompt if r1v3_prompt is not None else layer_states(pack.prompt, module.layer_idx)
+        real = varlen["prompt_real"]  # [N, P] bool: the left-padded prompts' real positions
+        k = torch.cat([prompt_k.transpose(1, 2)[real].to(k.dtype), k]).index_select(0, varlen["key_order"])
+        v = torch.cat([prompt_v.transpose(1, 2)[real].to(v.dtype), v]).index_select(0, varlen["key_order"])
+    dtype = query.dtype
+    if dtype not in (torch.float16, torch.bfloat16):  # the kernel computes in half precision only
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    out = flash_attn_varlen_func(q, k, v, varlen["cu_q"], varlen["cu_k"], varlen["max_q"], varlen["max_k"],
+                                 dropout_p=dropout if module.training else 0.0, softmax_scale=scaling, causal=True)
+    return out.to(dtype)[None], None  # [1, L, h, d]
+
+
 def layer_states(prompt, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     layer = prompt.layers[layer_idx]
     return layer.keys, layer.values
@@ -84,8 +115,17 @@ def _mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
+def _flash_mask(*args, **kwargs):
+    if getattr(_forward, "packed", False):
+        return None
+    return flash_attention_mask(*args, **kwargs)
+
+
 ALL_ATTENTION_FUNCTIONS.register(PACKED, _attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, _mask)
+ALL_ATTENTION_FUNCTIONS.register(PACKED_FLASH, _flash_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_FLASH, _flash_mask)
+IMPLEMENTATIONS = {"sdpa": PACKED, "flash_attention_2": PACKED_FLASH}  # what each becomes when packing
 
 
 def language_config(model: torch.nn.Module):
@@ -98,15 +138,16 @@ def language_config(model: torch.nn.Module):
 
 
 def enable(model: torch.nn.Module) -> bool:
-    """Route the language model's attention through ``r1v3_packed_sdpa``. Only a model on SDPA
-    qualifies (eager and flash-attn keep padded batches), and not with sliding-window attention,
-    which the pack's mask does not express. Returns whether packing is on."""
+    """Route the language model's attention through ``r1v3_packed_sdpa`` (a model on SDPA) or
+    ``r1v3_packed_flash`` (on flash-attn 2). Eager attention keeps padded batches, and so does
+    sliding-window attention, which the pack's mask does not express. Returns whether packing is on."""
     config = language_config(model)
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         return False
-    if config._attn_implementation not in ("sdpa", PACKED):
+    current = config._attn_implementation
+    if current not in IMPLEMENTATIONS and current not in IMPLEMENTATIONS.values():
         return False
-    config._attn_implementation = PACKED
+    config._attn_implementation = IMPLEMENTATIONS.get(current, current)
     model.r1v3_packed = True
     return True
 
@@ -126,11 +167,35 @@ def _layout(valid: torch.Tensor, prompt_mask: torch.Tensor | None, config) -> Pa
     index = torch.where(inside, starts[:, None] + t[None], torch.zeros((), dtype=torch.long, device=device))
     # Row-causal over the row's own tokens; a position past the row's end sees itself only, so no
     # query row is fully masked (SDPA would return NaN there, and NaN times a zero gradient is NaN).
+    real = inside.reshape(-1).nonzero().squeeze(1)
+    if config._attn_implementation == PACKED_FLASH:
+        return Pack(index, real, None, config, varlen=_varlen(lengths, prompt_mask))
     own = (t[None, :, None] >= t[None, None, :]) & inside[:, None, :]
     own = own | torch.eye(width, dtype=torch.bool, device=device)[None]
     if prompt_mask is not None:
         own = torch.cat([prompt_mask.bool()[:, None, :].expand(n, width, -1), own], 2)
-    return Pack(index, inside.reshape(-1).nonzero().squeeze(1), own[:, None], config)
+    return Pack(index, real, own[:, None], config)
+
+
+def _varlen(lengths: torch.Tensor, prompt_mask: torch.Tensor | None) -> dict:
+    """flash-attn's varlen arguments: cumulative query and key lengths per row, and (with prompts)
+    the order that turns [all prompts' real keys; all rows' own keys] into each row's prompt keys
+    followed by its own."""
+    def cumulative(n: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32)
+
+    out = {"cu_q": cumulative(lengths), "max_q": int(lengths.max())}
+    if prompt_mask is None:
+        return out | {"cu_k": out["cu_q"], "max_k": out["max_q"]}
+    real = prompt_mask.bool()
+    prompt_lengths = real.sum(1)
+    total_prompt = int(prompt_lengths.sum())
+    prompt_starts, own_starts = cumulative(prompt_lengths)[:-1].tolist(), cumulative(lengths)[:-1].tolist()
+    order = [torch.cat([torch.arange(p0, p0 + int(p)), total_prompt + torch.arange(o0, o0 + int(n))])
+             for p0, p, o0, n in zip(prompt_starts, prompt_lengths, own_starts, lengths)]
+    keys = prompt_lengths + lengths
+    return out | {"cu_k": cumulative(keys), "max_k": int(keys.max()), "prompt_real": real,
+                  "key_order": torch.cat(order).to(lengths.device)}
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,

@@ -166,12 +166,12 @@ class R1V3Module(StageHealth, LightningModule):
         load = self.load_config
         if load.padding_free and not packing.enabled(model) and not packing.enable(model):
             config = packing.language_config(model)
-            rank_zero_info(f"[r1v3] padded batches: padding_free needs SDPA attention without a sliding window "
-                           f"(this model: {config._attn_implementation})")
+            rank_zero_info(f"[r1v3] padded batches: padding_free needs SDPA or flash-attn 2 attention without a "
+                           f"sliding window (this model: {config._attn_implementation})")
         if load.compile:
             if not packing.enabled(model):
                 raise bb.BackboneError("load.compile compiles the padding-free forwards: it needs load.padding_free "
-                                       "and a model on SDPA attention")
+                                       "and a model on SDPA or flash-attn 2 attention")
             rank_zero_info(f"[r1v3] torch.compile on {packing.compile_layers(model)} decoder layers "
                            "(the first training step compiles)")
 
