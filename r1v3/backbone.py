@@ -81,8 +81,8 @@ class LoadConfig:
             ``None`` keeps the checkpoint's setting (its ``router_aux_loss_coef`` if its
             ``output_router_logits`` is on, else off); 0 turns it off.
         padding_free: Run training forwards padding-free: a micro-batch's rows as one packed
-            sequence of their real tokens (SDPA models; docs/performance.md, "Padding-free
-            update"). Results equal the padded batch's to rounding.
+            sequence of their real tokens (SDPA or flash-attn 2 models; docs/performance.md,
+            "Padding-free update"). Results equal the padded batch's to rounding.
         compile: ``torch.compile`` the language model's decoder layers for the padding-free
             training forwards (needs ``padding_free``): one graph per grad mode whatever the
             lengths. Off by default: on this project's 2-core CPU it measured no faster
