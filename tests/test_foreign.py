@@ -107,3 +107,43 @@ def test_a_processor_that_disagrees_with_the_model_stops_naming_the_sample(forei
                   GRPOStage(str(model_dir), sampling=SamplingConfig(n=2, max_new_tokens=4), rollout_log_every=0)):
         with pytest.raises(UserError, match=r"sample '.+': its prompt holds 1\d\d\d image tokens but its 1 image"):
             fit(stage, synth_dir)
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+def test_padding_free_chunked_scoring_equals_the_padded_whole_logits(foreign_dirs, synth_dir, family):
+    """On checkpoints from elsewhere, with images that tile (InternVL) or resize (Qwen2.5-VL) to
+    different token counts and completions of different lengths: the update's default scoring
+    (padding-free rows, the head a chunk of positions at a time) gives the log-probs, entropies and
+    gradients of padded rows through whole logits."""
+    import torch
+
+    from r1v3.rl import packing
+    from r1v3.rl.rollout import Prompt
+    from test_head import score
+
+    stage = GRPOStage(str(foreign_dirs[family]), sampling=SamplingConfig(n=3, max_new_tokens=7), rollout_log_every=0)
+    stage.setup("fit")
+    stage.configure_model()
+    assert packing.enabled(stage.model)
+    data = WebDataModule(train=str(synth_dir / "train"), batch_size=2)
+    data.processor, data.collate_mode = stage.processor, "prompt"
+    data.setup("fit")
+    meta = next(iter(data.train_dataloader()))["meta"]
+    prompts = [Prompt(text, [image.resize((96 + 96 * i, 64)) for image in images])
+               for i, (text, images) in enumerate(zip(meta["prompt_text"], meta["pil_images"]))]
+    rollouts = stage.engine.generate(prompts, stage.sampling, seed=3)
+    for row, length in ((1, 2), (4, 5)):  # EOS early: right padding follows
+        rollouts.completion_mask[row, length:] = 0
+        rollouts.completion_ids[row, length:] = stage.tokenizer.pad_token_id
+    step = stage.record(prompts, rollouts)
+    assert step.encoded.length(0) != step.encoded.length(1), "the two images give different token counts"
+    rows = torch.arange(6)
+    with packing.disabled(stage.model):
+        whole = score(stage, step, rows, 0)
+    chunked = score(stage, step, rows, 5)
+    assert (chunked[0] - whole[0]).abs().max() <= 1e-5 * whole[0].abs().max()
+    assert (chunked[1] - whole[1]).abs().max() <= 1e-5 * whole[1].abs().max()
+    assert chunked[2].keys() == whole[2].keys() and len(whole[2]) > 0
+    total = torch.cat([g.flatten() for g in whole[2].values()])
+    error = torch.cat([(chunked[2][n] - g).flatten() for n, g in whole[2].items()])
+    assert error.norm() <= 1e-4 * total.norm(), float(error.norm() / total.norm())
