@@ -110,7 +110,6 @@ def main(argv=None) -> None:
     index = torch.arange(args.prompts).repeat_interleave(args.group_size)
     data.collate_mode = "sft"
     sft_batch = next(iter(data.train_dataloader()))
-    sft_batch = {k: v for k, v in sft_batch.items()}
 
     def grpo_step(autocast):
         def run():

@@ -59,8 +59,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         return x[0].index_select(1, flat).unflatten(1, pack.index.shape).transpose(0, 1)
 
     q, k, v = rows(query), rows(key), rows(value)
-    if pack.prompt is not None:  # a compiled layer is handed its prompt states (see ``compile_layers``)
-        prompt_k, prompt_v = r1v3_prompt if r1v3_prompt is not None else layer_states(pack.prompt, module.layer_idx)
+    if pack.prompt is not None:
+        prompt_k, prompt_v = prompt_states(pack, module, r1v3_prompt)
         k, v = torch.cat([prompt_k.to(k.dtype), k], 2), torch.cat([prompt_v.to(v.dtype), v], 2)
     gqa = {}
     if k.shape[1] != heads:
@@ -91,7 +91,7 @@ def _flash_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     varlen = pack.varlen
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [L, heads, d]
     if pack.prompt is not None:
-        prompt_k, prompt_v = r1v3_prompt if r1v3_prompt is not None else layer_states(pack.prompt, module.layer_idx)
+        prompt_k, prompt_v = prompt_states(pack, module, r1v3_prompt)
         real = varlen["prompt_real"]  # [N, P] bool: the left-padded prompts' real positions
         k = torch.cat([prompt_k.transpose(1, 2)[real].to(k.dtype), k]).index_select(0, varlen["key_order"])
         v = torch.cat([prompt_v.transpose(1, 2)[real].to(v.dtype), v]).index_select(0, varlen["key_order"])
@@ -109,22 +109,23 @@ def layer_states(prompt, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.keys, layer.values
 
 
-def _mask(*args, **kwargs):
-    if getattr(_forward, "packed", False):
-        return None
-    return sdpa_mask(*args, **kwargs)
+def prompt_states(pack: Pack, module, given) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt keys and values of ``module``'s layer: ``given`` when a compiled layer was handed
+    them (see ``compile_layers``), else read from the pack's prompt cache."""
+    return given if given is not None else layer_states(pack.prompt, module.layer_idx)
 
 
-def _flash_mask(*args, **kwargs):
-    if getattr(_forward, "packed", False):
-        return None
-    return flash_attention_mask(*args, **kwargs)
+def _unless_packed(build_mask):
+    """transformers' mask builder, skipped while a packed forward runs: the pack carries its own."""
+    def mask(*args, **kwargs):
+        return None if getattr(_forward, "packed", False) else build_mask(*args, **kwargs)
+    return mask
 
 
 ALL_ATTENTION_FUNCTIONS.register(PACKED, _attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, _mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, _unless_packed(sdpa_mask))
 ALL_ATTENTION_FUNCTIONS.register(PACKED_FLASH, _flash_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_FLASH, _flash_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_FLASH, _unless_packed(flash_attention_mask))
 IMPLEMENTATIONS = {"sdpa": PACKED, "flash_attention_2": PACKED_FLASH}  # what each becomes when packing
 
 
@@ -148,12 +149,12 @@ def enable(model: torch.nn.Module) -> bool:
     if current not in IMPLEMENTATIONS and current not in IMPLEMENTATIONS.values():
         return False
     config._attn_implementation = IMPLEMENTATIONS.get(current, current)
-    model.r1v3_packed = True
+    model.r1v3_packed = config  # the config its packs name, found once rather than every forward
     return True
 
 
 def enabled(model: torch.nn.Module) -> bool:
-    return bool(getattr(model, "r1v3_packed", False))
+    return getattr(model, "r1v3_packed", None) is not None
 
 
 def _layout(valid: torch.Tensor, prompt_mask: torch.Tensor | None, config) -> Pack:
@@ -165,11 +166,11 @@ def _layout(valid: torch.Tensor, prompt_mask: torch.Tensor | None, config) -> Pa
     inside = t[None] < lengths[:, None]
     starts = lengths.cumsum(0) - lengths
     index = torch.where(inside, starts[:, None] + t[None], torch.zeros((), dtype=torch.long, device=device))
-    # Row-causal over the row's own tokens; a position past the row's end sees itself only, so no
-    # query row is fully masked (SDPA would return NaN there, and NaN times a zero gradient is NaN).
     real = inside.reshape(-1).nonzero().squeeze(1)
     if config._attn_implementation == PACKED_FLASH:
         return Pack(index, real, None, config, varlen=_varlen(lengths, prompt_mask))
+    # Row-causal over the row's own tokens; a position past the row's end sees itself only, so no
+    # query row is fully masked (SDPA would return NaN there, and NaN times a zero gradient is NaN).
     own = (t[None, :, None] >= t[None, None, :]) & inside[:, None, :]
     own = own | torch.eye(width, dtype=torch.bool, device=device)[None]
     if prompt_mask is not None:
@@ -206,7 +207,7 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, valid: torch.Tensor
     position ids. ``prompt`` (a per-row read-only prompt cache) and ``prompt_mask`` [N, P] make
     row i continue its prompt's keys and values."""
     valid = valid.bool()
-    pack = _layout(valid, prompt_mask, language_config(model))
+    pack = _layout(valid, prompt_mask, model.r1v3_packed)
     pack.prompt = prompt
     packed_positions = positions[:, valid][:, None] if positions.dim() == 3 else positions[valid][None]
     _forward.packed = True
@@ -223,8 +224,8 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, valid: torch.Tensor
 @contextlib.contextmanager
 def disabled(model: torch.nn.Module):
     """Inside, passes over ``model`` run padded (as the reference of the packed path)."""
-    was = enabled(model)
-    model.r1v3_packed = False
+    was = getattr(model, "r1v3_packed", None)
+    model.r1v3_packed = None
     try:
         yield
     finally:

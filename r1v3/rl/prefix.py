@@ -118,12 +118,13 @@ def completion_logits(model: torch.nn.Module, tokens: dict, images: dict, prompt
         # completions still runs the continuation, on one masked token whose logits are dropped.
         feed = completion_ids[:, :-1] if width > 1 else completion_ids
         fed_mask = completion_mask[:, :-1] if width > 1 else torch.zeros_like(completion_mask)
-        mask = torch.cat([tokens["attention_mask"][prompt_index], fed_mask.to(tokens["attention_mask"])], 1)
+        prompt_mask = tokens["attention_mask"][prompt_index]
         positions = following[prompt_index, None] + torch.arange(feed.shape[1], device=feed.device)
         if packing.enabled(model) and fed_mask.any():
             out = packing.forward(model, feed, fed_mask, positions, prompt=prompts.for_rows(prompt_index),
-                                  prompt_mask=tokens["attention_mask"][prompt_index])
+                                  prompt_mask=prompt_mask)
         else:
+            mask = torch.cat([prompt_mask, fed_mask.to(prompt_mask)], 1)
             out = model(input_ids=feed, attention_mask=mask, position_ids=positions,
                         past_key_values=prompts.for_rows(prompt_index), use_cache=True).logits
     return torch.cat([first[prompt_index, None], out], 1)[:, :width]
@@ -138,14 +139,19 @@ def per_row_completion_logits(model: torch.nn.Module, tokens: dict, images: dict
     targets = [row[: int(n)].tolist() for row, n in zip(completion_ids, completion_mask.sum(1))]
     inputs, _, start = append_targets({k: v.cpu() for k, v in tokens.items()}, targets, pad_id)
     device = completion_ids.device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    if packing.enabled(model):
-        logits = packing.forward(model, inputs["input_ids"], inputs["attention_mask"],
-                                 prompt_positions(model, inputs, images)[0], images)
-    else:
-        logits = model(**inputs, **images, use_cache=False).logits
+    logits = whole_rows_output(model, {k: v.to(device) for k, v in inputs.items()}, images)
     index = (start.to(device)[:, None] - 1 + torch.arange(width, device=device)[None]).clamp(max=logits.shape[1] - 1)
     return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def whole_rows_output(model: torch.nn.Module, inputs: dict, images: dict) -> torch.Tensor:
+    """``model(...).logits`` over whole rows (``inputs``: input_ids and attention_mask, any padding
+    side), padding-free where the model allows it (r1v3.rl.packing): padding positions then hold
+    zeros. The per-row pass and SFT's loss both run their rows through here."""
+    if packing.enabled(model):
+        return packing.forward(model, inputs["input_ids"], inputs["attention_mask"],
+                               prompt_positions(model, inputs, images)[0], images)
+    return model(**inputs, **images, use_cache=False).logits
 
 
 def shares_prompts(model: torch.nn.Module) -> bool:

@@ -27,7 +27,7 @@ from r1v3.errors import UserError
 from r1v3.rewards.accuracy import is_correct
 from r1v3.rl import packing
 from r1v3.rl.head import head_bypassed, head_logprobs
-from r1v3.rl.prefix import prompt_positions
+from r1v3.rl.prefix import whole_rows_output
 from r1v3.stages.base import OptimizerConfig, R1V3Module
 
 
@@ -79,16 +79,11 @@ class SFTStage(R1V3Module):
 
     def supervised_loss(self, batch: dict) -> torch.Tensor:
         """Mean NLL over the batch's target tokens."""
-        packed, chunk = packing.enabled(self.model), self.logits_chunk
-        if not (chunk or packed):
+        chunk = self.logits_chunk
+        if not (chunk or packing.enabled(self.model)):
             return self(batch["inputs"], batch["images"], labels=batch["labels"], use_cache=False).loss
-        inputs, images = batch["inputs"], batch["images"]
         with head_bypassed(self.model) if chunk else contextlib.nullcontext() as head:  # ``.logits``: hidden states
-            if packed:  # padding-free: the rows' real tokens as one sequence (r1v3.rl.packing)
-                out = packing.forward(self.model, inputs["input_ids"], inputs["attention_mask"],
-                                      prompt_positions(self.model, inputs, images)[0], images)
-            else:
-                out = self(inputs, images, use_cache=False).logits
+            out = whole_rows_output(self.model, batch["inputs"], batch["images"])
         targets = batch["labels"][:, 1:]
         scored = targets != -100  # only the target positions meet the head: the prompt's never do
         if chunk:
